@@ -1,0 +1,5 @@
+import sys
+
+from secateurs.cli import main
+
+sys.exit(main())

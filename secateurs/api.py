@@ -1,0 +1,139 @@
+"""The public verbs: ``prune`` a model you hold, ``evaluate`` its perplexity."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from secateurs import data
+from secateurs.engine import walk
+from secateurs.errors import SecateursError
+from secateurs.evaluate import PerplexityResult, perplexity, wants_bos
+from secateurs.evaluate.perplexity import eval_windows
+from secateurs.models import default_device, find_layers, find_linears, weight_view
+from secateurs.recipe import Calibration, Recipe
+from secateurs.report import PeakMemory, PruneReport
+
+log = logging.getLogger(__name__)
+
+
+def _as_recipe(recipe: Recipe | str | dict) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe(method=recipe)
+
+
+def calibration_windows(calibration: Calibration, tokenizer) -> torch.Tensor:
+    """Token windows [nsamples, seqlen] for a calibration spec."""
+    return data.calibration_windows(
+        calibration.source, tokenizer, calibration.nsamples, calibration.seqlen, calibration.seed
+    )
+
+
+def _check_pattern(model: nn.Module, recipe: Recipe) -> None:
+    """Fail before any work if an N:M pattern does not fit some linear's input width."""
+    nm = recipe.nm
+    if nm is None:
+        return
+    layers_name, layers = find_layers(model)
+    for index, layer in enumerate(layers):
+        for name, module in find_linears(layer).items():
+            full = f"{layers_name}.{index}.{name}"
+            if recipe.excluded(full):
+                continue
+            cols = weight_view(module).shape[1]
+            if cols % nm.m:
+                raise SecateursError(
+                    f"N:M pattern {nm} needs input widths divisible by {nm.m}, but {full} has {cols}; "
+                    f"exclude it (exclude=['{full}'] / --exclude) to leave it dense"
+                )
+
+
+def prune(
+    model: nn.Module,
+    recipe: Recipe | str | dict = "wanda",
+    calibration: Calibration | torch.Tensor | None = None,
+    *,
+    tokenizer=None,
+    device: str | torch.device | None = "auto",
+    track_error: bool = True,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place, layer by layer, and report what was done.
+
+    ``calibration`` is either a :class:`Calibration` (needs ``tokenizer``), a LongTensor of token windows
+    [nsamples, seqlen], or None for the bundled default text (magnitude pruning needs no data).
+    """
+    recipe = _as_recipe(recipe)
+    device = default_device(device) if not isinstance(device, torch.device) else device
+    _check_pattern(model, recipe)
+    calib_meta = None
+    windows = None
+    if recipe.method != "magnitude":
+        if calibration is None:
+            calibration = Calibration()
+        if isinstance(calibration, Calibration):
+            if tokenizer is None:
+                raise SecateursError("a Calibration spec needs the model's tokenizer (tokenizer=...)")
+            windows = calibration_windows(calibration, tokenizer)
+            calib_meta = {**calibration.to_dict(), "description": data.describe_source(calibration.source)}
+        else:
+            windows = torch.as_tensor(calibration, dtype=torch.long)
+            if windows.dim() != 2:
+                raise SecateursError(f"calibration windows must be [nsamples, seqlen], got {tuple(windows.shape)}")
+            calib_meta = {"source": "tensor", "nsamples": windows.shape[0], "seqlen": windows.shape[1]}
+    _, layers = find_layers(model)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        results = walk(
+            model,
+            recipe.method,
+            [recipe.sparsity] * len(layers),
+            recipe.nm,
+            windows,
+            device,
+            skip=recipe.excluded,
+            blocksize=recipe.blocksize,
+            percdamp=recipe.percdamp,
+            track_error=track_error,
+            progress=progress,
+        )
+    seconds = time.perf_counter() - start
+    return PruneReport(
+        recipe=recipe.to_dict(),
+        calibration=calib_meta,
+        device=str(device),
+        prune_seconds=seconds,
+        peak_rss_bytes=mem.peak_rss,
+        peak_cuda_bytes=mem.peak_cuda,
+        layers=[asdict(r) for r in results],
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    source: str = "bible",
+    *,
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    bos: bool | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``source`` with the paper protocol (see :mod:`secateurs.evaluate`).
+
+    ``bos`` None means: BOS at the start of every window exactly when the tokenizer adds one by default.
+    """
+    tokens = data.evaluation_tokens(source, tokenizer)
+    use_bos = wants_bos(tokenizer) if bos is None else bos
+    windows = eval_windows(tokens, seqlen, tokenizer.bos_token_id if use_bos else None, max_windows)
+    if device is not None:
+        model.to(default_device(device))
+    return perplexity(model, windows, bos=use_bos, source=data.describe_source(source), progress=progress)

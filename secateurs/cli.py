@@ -1,0 +1,174 @@
+"""``secateurs prune | eval``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from secateurs.errors import SecateursError
+
+log = logging.getLogger("secateurs")
+
+PAPER_HINT = "paper protocol: --calibration c4 --nsamples 128 --seqlen 2048 --eval wikitext2"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto (as stored; fp32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--json", action="store_true", help="print the machine-readable report on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _add_eval(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--eval", default=default, metavar="SOURCE",
+                   help="evaluation text: bundled name, .txt/.jsonl path, wikitext2, c4; 'none' to skip"
+                   + (f" (default: {default})" if default else ""))
+    p.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                   help="score at most N windows (default: all; the paper protocol uses all)")
+    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
+                   help="BOS at the start of each window: auto = when the tokenizer adds one by default")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secateurs", description="Prune Hugging Face causal language models and measure what it cost."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model layer by layer on calibration text and save it",
+                       epilog=PAPER_HINT)
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="hub id, local HF folder, .gguf file, or smollm2-135m (the bundled default)")
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
+    group.add_argument("--pattern", default=None, metavar="N:M", help="N:M sparsity, e.g. 2:4 (2 zeros in every 4)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave linears whose name matches dense (repeatable), e.g. '*.mlp.down_proj'")
+    p.add_argument("--calibration", default="shakespeare", metavar="SOURCE",
+                   help="calibration text: bundled name (shakespeare, bible), .txt/.jsonl path, c4, wikitext2")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window, calibration and evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping (fraction of mean diag H)")
+    _add_eval(p, "bible")
+    p.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity of the dense model")
+    p.add_argument("--output", "-o", default=None, metavar="DIR", help="where to save the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="perplexity of a model (paper protocol)")
+    p.add_argument("model", help="hub id, local HF folder (e.g. a pruned output), .gguf file, or smollm2-135m")
+    p.add_argument("--seqlen", type=int, default=512)
+    _add_eval(p, "bible")
+    _add_common(p)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _bos(arg: str):
+    return {"auto": None, "always": True, "never": False}[arg]
+
+
+def _evaluate(model, tokenizer, args, label: str):
+    from secateurs.api import evaluate
+
+    result = evaluate(model, tokenizer, args.eval, seqlen=args.seqlen, max_windows=args.eval_windows,
+                      bos=_bos(args.bos), progress=not args.quiet)
+    log.info("%s perplexity %.3f  [%s]", label, result.perplexity, result.protocol)
+    return result
+
+
+def cmd_prune(args) -> dict:
+    import torch
+
+    from secateurs.api import prune
+    from secateurs.export import check_output, save_pruned
+    from secateurs.models import default_device, load_model
+    from secateurs.recipe import Calibration, Recipe
+
+    recipe = Recipe(method=args.method, sparsity=0.5 if args.sparsity is None else args.sparsity,
+                    pattern=args.pattern, exclude=args.exclude, blocksize=args.blocksize, percdamp=args.percdamp)
+    calibration = Calibration(args.calibration, args.nsamples, args.seqlen, args.seed)
+    device = default_device(args.device)
+    if args.output:
+        check_output(args.output, args.overwrite)
+    do_eval = args.eval and args.eval.lower() != "none"
+
+    log.info("loading %s", args.model)
+    t0 = time.perf_counter()
+    model, tokenizer, model_desc = load_model(args.model, args.dtype)
+    log.info("loaded in %.1f s: %s, %s", time.perf_counter() - t0, type(model).__name__, model.dtype)
+    if device.type == "cuda":
+        model.to(device)
+
+    dense = _evaluate(model, tokenizer, args, "dense ") if do_eval and not args.no_dense_eval else None
+    log.info("pruning: %s, %s, calibration %s (%d x %d tokens, seed %d)", recipe.method, recipe.pattern_name,
+             calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed)
+    report = prune(model, recipe, calibration, tokenizer=tokenizer, device=device, progress=not args.quiet)
+    log.info("pruned in %.1f s: sparsity %.4f over %d linears", report.prune_seconds, report.sparsity,
+             len(report.linears))
+    pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None
+
+    out = {
+        "model": model_desc,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        **report.to_dict(),
+        "perplexity": {
+            "dense": dense.to_dict() if dense else None,
+            "pruned": pruned.to_dict() if pruned else None,
+        },
+        "output": str(args.output) if args.output else None,
+    }
+    if args.output:
+        model.to(torch.device("cpu"))
+        save_pruned(model, tokenizer, args.output, out, overwrite=args.overwrite)
+        log.info("saved to %s", args.output)
+    return out
+
+
+def cmd_eval(args) -> dict:
+    from secateurs.models import default_device, load_model
+
+    device = default_device(args.device)
+    model, tokenizer, model_desc = load_model(args.model, args.dtype)
+    model.to(device)
+    if not args.eval or args.eval.lower() == "none":
+        raise SecateursError("eval needs --eval SOURCE")
+    result = _evaluate(model, tokenizer, args, "")
+    return {"model": model_desc, "dtype": str(model.dtype).replace("torch.", ""), **result.to_dict()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        result = {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+    except SecateursError as exc:
+        print(f"secateurs: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("secateurs: interrupted; nothing was saved", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("secateurs: error: out of memory", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

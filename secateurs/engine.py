@@ -1,0 +1,273 @@
+"""The sequential walk shared by every method and every architecture.
+
+1. Run the calibration windows through the embeddings and record what each decoder layer is called with:
+   the hidden states entering the first layer, and every keyword argument of every layer (attention masks,
+   position embeddings ... which may differ per layer, e.g. sliding-window layers). Layers are replaced by a
+   pass-through while recording, so this costs almost nothing, and no argument is ever rebuilt by hand.
+2. For each decoder layer: move it to the compute device, hook its linears, run the inputs through it to
+   accumulate statistics (sums over tokens), prune every linear, run the inputs again through the now
+   sparse layer to produce the next layer's inputs, move it back, free the statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.methods import magnitude_mask, sparsegpt_prune, wanda_mask
+from secateurs.models import find_layers, find_linears, weight_view
+from secateurs.patterns import NM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InputStats:
+    """Sums over calibration tokens of one linear's inputs: reducible across batches and processes."""
+
+    nsamples: int = 0
+    sq_norm: torch.Tensor | None = None  # sum x_j^2, [cols]
+    H_sum: torch.Tensor | None = None  # sum x x^T, [cols, cols] (SparseGPT only)
+
+    def add(self, x: torch.Tensor, want_hessian: bool) -> None:
+        self.nsamples += x.shape[0] if x.dim() > 2 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        sq = (x * x).sum(0)
+        self.sq_norm = sq if self.sq_norm is None else self.sq_norm + sq
+        if want_hessian:
+            xtx = x.t() @ x
+            self.H_sum = xtx if self.H_sum is None else self.H_sum + xtx
+
+
+@dataclass
+class LinearResult:
+    name: str
+    shape: tuple[int, int]
+    sparsity_target: float
+    pruned: int  # weights the method chose to zero
+    zeros: int  # weights that are zero afterwards (pruned, plus any that were zero already)
+    numel: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel
+
+
+@dataclass
+class LayerResult:
+    index: int
+    name: str
+    sparsity_target: float
+    output_error: float | None  # ||Y_sparse - Y_dense||^2 / ||Y_dense||^2 on the calibration inputs
+    seconds: float
+    linears: list[LinearResult]
+
+
+def prune_linear(module: nn.Module, method: str, sparsity: float, nm: NM | None, stats: InputStats | None,
+                 blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, dict]:
+    """Prune one linear in place; return its pruned mask and method details."""
+    W = weight_view(module)
+    info: dict = {}
+    if method == "magnitude":
+        mask = magnitude_mask(W, sparsity, nm)
+    elif method == "wanda":
+        mask = wanda_mask(W, stats.sq_norm, stats.nsamples, sparsity, nm)
+    elif method == "sparsegpt":
+        new_W, mask, details = sparsegpt_prune(W, stats.H_sum, stats.nsamples, sparsity, nm, blocksize, percdamp)
+        W.copy_(new_W)
+        info = {"damping": details.damping, "damping_retries": details.retries, "dead_inputs": details.dead_inputs}
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    W[mask] = 0
+    return mask, info
+
+
+@dataclass
+class _Call:
+    """The arguments a decoder layer was called with, other than the hidden states."""
+
+    args: tuple
+    kwargs: dict
+
+    def __call__(self, layer: Callable, hidden: torch.Tensor):
+        return layer(hidden, *self.args, **self.kwargs)
+
+
+class _Recorder:
+    """Stands in for every decoder layer during capture: records the call, passes hidden states through."""
+
+    def __init__(self, layers: nn.ModuleList, keep_inputs_of_first: bool = True):
+        self.layers = layers
+        self.inputs: list[torch.Tensor] = []  # hidden states entering layer 0, one per window
+        self.calls: list[list[_Call]] = [[] for _ in layers]  # per layer, per window: the other arguments
+        self.tuple_output: bool | None = None
+        self._saved = []
+
+    def __enter__(self):
+        for index, layer in enumerate(self.layers):
+            self._saved.append(layer.forward)
+            layer.forward = self._make(index, layer.forward)
+        return self
+
+    def __exit__(self, *exc):
+        for layer, forward in zip(self.layers, self._saved):
+            layer.forward = forward
+        self._saved.clear()
+
+    def _make(self, index: int, real_forward: Callable):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            call = _Call(args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index == 0:
+                self.inputs.append(hidden)
+            if self.tuple_output is None:  # learn the layer's output convention from one real call
+                self.tuple_output = isinstance(call(real_forward, hidden), tuple)
+            self.calls[index].append(call)
+            return (hidden,) if self.tuple_output else hidden
+
+        return forward
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _OnDevice:
+    """Move everything except the decoder layers to the compute device, and back afterwards."""
+
+    def __init__(self, model: nn.Module, layers_name: str, device: torch.device):
+        self.model, self.layers_name, self.device = model, layers_name, device
+
+    def _move(self, device) -> None:
+        parent_name, _, attr = self.layers_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        layers = getattr(parent, attr)
+        setattr(parent, attr, nn.ModuleList())
+        try:
+            self.model.to(device)
+        finally:
+            setattr(parent, attr, layers)
+
+    def __enter__(self):
+        self.home = next(self.model.parameters()).device
+        if self.home != self.device:
+            self._move(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.home != self.device:
+            self._move(self.home)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, progress: bool = True):
+    """Record the first layer's input hidden states and every layer's keyword arguments, per window."""
+    layers_name, layers = find_layers(model)
+    layer0_home = next(layers[0].parameters()).device
+    layers[0].to(device)
+    try:
+        with _OnDevice(model, layers_name, device), _Recorder(layers) as rec:
+            for row in tqdm(calibration, desc="capturing inputs", disable=not progress, leave=False):
+                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        layers[0].to(layer0_home)
+    for per_layer in rec.calls:
+        for call in per_layer:
+            for key in ("past_key_values", "past_key_value", "layer_past"):
+                if key in call.kwargs:
+                    call.kwargs[key] = None
+    return rec.inputs, rec.calls
+
+
+@torch.no_grad()
+def walk(
+    model: nn.Module,
+    method: str,
+    layer_sparsity: list[float],
+    nm: NM | None,
+    calibration: torch.Tensor | None,
+    device: torch.device,
+    *,
+    skip: Callable[[str], bool] = lambda name: False,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    track_error: bool = True,
+    progress: bool = True,
+) -> list[LayerResult]:
+    """Prune every decoder layer in order; ``layer_sparsity[i]`` is layer i's target (ignored with N:M)."""
+    layers_name, layers = find_layers(model)
+    if len(layer_sparsity) != len(layers):
+        raise ValueError(f"{len(layer_sparsity)} layer sparsities for {len(layers)} layers")
+    needs_data = method != "magnitude"
+    if needs_data:
+        hidden, calls = capture(model, calibration, device, progress)
+    results = []
+    bar = tqdm(range(len(layers)), desc=f"{method} pruning layers", disable=not progress)
+    for index in bar:
+        start = time.perf_counter()
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = {n: m for n, m in find_linears(layer).items() if not skip(f"{layers_name}.{index}.{n}")}
+        stats = {n: InputStats() for n in linears}
+        dense_out = []
+        if needs_data:
+            want_H = method == "sparsegpt"
+            hooks = [
+                m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0].detach(), want_H))
+                for n, m in linears.items()
+            ]
+            try:
+                for h, call in zip(hidden, calls[index]):
+                    out = _output(call(layer, h))
+                    if track_error:
+                        dense_out.append(out)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        linear_results = []
+        for name, module in linears.items():
+            mask, info = prune_linear(
+                module, method, layer_sparsity[index], nm, stats.pop(name, None), blocksize, percdamp
+            )
+            W = weight_view(module)
+            linear_results.append(
+                LinearResult(
+                    name=f"{layers_name}.{index}.{name}",
+                    shape=tuple(W.shape),
+                    sparsity_target=nm.sparsity if nm else layer_sparsity[index],
+                    pruned=int(mask.sum().item()),
+                    zeros=int((W == 0).sum().item()),
+                    numel=W.numel(),
+                    info=info,
+                )
+            )
+            del mask
+        error = None
+        if needs_data:
+            num = den = 0.0
+            for j, call in enumerate(calls[index]):
+                out = _output(call(layer, hidden[j]))
+                if track_error:
+                    ref = dense_out[j].float()
+                    num += (out.float() - ref).pow(2).sum().item()
+                    den += ref.pow(2).sum().item()
+                hidden[j] = out
+            calls[index] = None
+            error = num / den if track_error and den > 0 else None
+        layer.to(home)
+        del dense_out, stats
+        results.append(
+            LayerResult(index, f"{layers_name}.{index}", nm.sparsity if nm else layer_sparsity[index], error,
+                        time.perf_counter() - start, linear_results)
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results

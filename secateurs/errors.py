@@ -1,0 +1,5 @@
+"""The one exception type for user errors: the CLI prints its message on one line and exits non-zero."""
+
+
+class SecateursError(Exception):
+    """A problem with the user's input or environment (bad path, bad recipe, offline hub ...)."""

@@ -1,0 +1,94 @@
+"""What to do to a model: method, sparsity or N:M pattern, which linears to leave alone. JSON round-trip."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from secateurs.errors import SecateursError
+from secateurs.methods import METHODS
+from secateurs.patterns import NM, check_sparsity, parse_nm
+
+
+@dataclass
+class Recipe:
+    """A pruning recipe.
+
+    ``sparsity`` is the fraction of weights zeroed in every prunable linear of the decoder layers (unstructured);
+    ``pattern`` ("2:4": 2 zeros in every 4 consecutive input weights of a row) replaces it when given.
+    ``exclude`` holds glob patterns of linear names (e.g. ``"*.mlp.down_proj"``) to leave dense.
+    Embeddings and the LM head are never pruned.
+    """
+
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str | None = None
+    exclude: list[str] = field(default_factory=list)
+    blocksize: int = 128  # SparseGPT column block
+    percdamp: float = 0.01  # SparseGPT damping, fraction of mean(diag H)
+
+    def __post_init__(self) -> None:
+        self.method = str(self.method).lower()
+        if self.method not in METHODS:
+            raise SecateursError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.pattern is not None:
+            self.pattern = str(self.nm)
+            self.sparsity = self.nm.sparsity
+        self.sparsity = check_sparsity(self.sparsity)
+        if self.blocksize < 1:
+            raise SecateursError(f"blocksize must be positive, got {self.blocksize}")
+        if not (0 < self.percdamp):
+            raise SecateursError(f"percdamp must be positive, got {self.percdamp}")
+        self.exclude = list(self.exclude)
+
+    @property
+    def nm(self) -> NM | None:
+        return parse_nm(self.pattern) if self.pattern is not None else None
+
+    @property
+    def pattern_name(self) -> str:
+        return f"{self.pattern} (N:M)" if self.pattern else f"{self.sparsity:g} unstructured"
+
+    def excluded(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SecateursError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SecateursError(f"cannot read recipe {path}: {exc}") from None
+
+
+@dataclass
+class Calibration:
+    """Where calibration windows come from: ``nsamples`` seeded windows of ``seqlen`` tokens of ``source``."""
+
+    source: str = "shakespeare"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise SecateursError(f"nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise SecateursError(f"seqlen must be at least 2, got {self.seqlen}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
