@@ -23,13 +23,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--eval", default=default, metavar="SOURCE",
-                   help="evaluation text: bundled name, .txt/.jsonl path, wikitext2, c4; 'none' to skip"
-                   + (f" (default: {default})" if default else ""))
-    p.add_argument("--eval-windows", type=int, default=None, metavar="N",
-                   help="score at most N windows (default: all; the paper protocol uses all)")
-    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
-                   help="BOS at the start of each window: auto = when the tokenizer adds one by default")
+    p.add_argument(
+        "--eval",
+        default=default,
+        metavar="SOURCE",
+        help="evaluation text: bundled name, .txt/.jsonl path, wikitext2, c4; 'none' to skip"
+        + (f" (default: {default})" if default else ""),
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score at most N windows (default: all; the paper protocol uses all)",
+    )
+    p.add_argument(
+        "--bos",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="BOS at the start of each window: auto = when the tokenizer adds one by default",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,18 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model layer by layer on calibration text and save it",
-                       epilog=PAPER_HINT)
-    p.add_argument("model", nargs="?", default="smollm2-135m",
-                   help="hub id, local HF folder, .gguf file, or smollm2-135m (the bundled default)")
+    p = sub.add_parser("prune", help="prune a model layer by layer on calibration text and save it", epilog=PAPER_HINT)
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="smollm2-135m",
+        help="hub id, local HF folder, .gguf file, or smollm2-135m (the bundled default)",
+    )
     p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
     group = p.add_mutually_exclusive_group()
     group.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
     group.add_argument("--pattern", default=None, metavar="N:M", help="N:M sparsity, e.g. 2:4 (2 zeros in every 4)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave linears whose name matches dense (repeatable), e.g. '*.mlp.down_proj'")
-    p.add_argument("--calibration", default="shakespeare", metavar="SOURCE",
-                   help="calibration text: bundled name (shakespeare, bible), .txt/.jsonl path, c4, wikitext2")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave linears whose name matches dense (repeatable), e.g. '*.mlp.down_proj'",
+    )
+    p.add_argument(
+        "--calibration",
+        default="shakespeare",
+        metavar="SOURCE",
+        help="calibration text: bundled name (shakespeare, bible), .txt/.jsonl path, c4, wikitext2",
+    )
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window, calibration and evaluation")
     p.add_argument("--seed", type=int, default=0)
@@ -85,8 +110,15 @@ def _bos(arg: str):
 def _evaluate(model, tokenizer, args, label: str):
     from secateurs.api import evaluate
 
-    result = evaluate(model, tokenizer, args.eval, seqlen=args.seqlen, max_windows=args.eval_windows,
-                      bos=_bos(args.bos), progress=not args.quiet)
+    result = evaluate(
+        model,
+        tokenizer,
+        args.eval,
+        seqlen=args.seqlen,
+        max_windows=args.eval_windows,
+        bos=_bos(args.bos),
+        progress=not args.quiet,
+    )
     log.info("%s perplexity %.3f  [%s]", label, result.perplexity, result.protocol)
     return result
 
@@ -99,8 +131,14 @@ def cmd_prune(args) -> dict:
     from secateurs.models import default_device, load_model
     from secateurs.recipe import Calibration, Recipe
 
-    recipe = Recipe(method=args.method, sparsity=0.5 if args.sparsity is None else args.sparsity,
-                    pattern=args.pattern, exclude=args.exclude, blocksize=args.blocksize, percdamp=args.percdamp)
+    recipe = Recipe(
+        method=args.method,
+        sparsity=0.5 if args.sparsity is None else args.sparsity,
+        pattern=args.pattern,
+        exclude=args.exclude,
+        blocksize=args.blocksize,
+        percdamp=args.percdamp,
+    )
     calibration = Calibration(args.calibration, args.nsamples, args.seqlen, args.seed)
     device = default_device(args.device)
     if args.output:
@@ -115,11 +153,19 @@ def cmd_prune(args) -> dict:
         model.to(device)
 
     dense = _evaluate(model, tokenizer, args, "dense ") if do_eval and not args.no_dense_eval else None
-    log.info("pruning: %s, %s, calibration %s (%d x %d tokens, seed %d)", recipe.method, recipe.pattern_name,
-             calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed)
+    log.info(
+        "pruning: %s, %s, calibration %s (%d x %d tokens, seed %d)",
+        recipe.method,
+        recipe.pattern_name,
+        calibration.source,
+        calibration.nsamples,
+        calibration.seqlen,
+        calibration.seed,
+    )
     report = prune(model, recipe, calibration, tokenizer=tokenizer, device=device, progress=not args.quiet)
-    log.info("pruned in %.1f s: sparsity %.4f over %d linears", report.prune_seconds, report.sparsity,
-             len(report.linears))
+    log.info(
+        "pruned in %.1f s: sparsity %.4f over %d linears", report.prune_seconds, report.sparsity, len(report.linears)
+    )
     pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None
 
     out = {

@@ -70,8 +70,15 @@ class LayerResult:
     linears: list[LinearResult]
 
 
-def prune_linear(module: nn.Module, method: str, sparsity: float, nm: NM | None, stats: InputStats | None,
-                 blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, dict]:
+def prune_linear(
+    module: nn.Module,
+    method: str,
+    sparsity: float,
+    nm: NM | None,
+    stats: InputStats | None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, dict]:
     """Prune one linear in place; return its pruned mask and method details."""
     W = weight_view(module)
     info: dict = {}
@@ -117,7 +124,7 @@ class _Recorder:
         return self
 
     def __exit__(self, *exc):
-        for layer, forward in zip(self.layers, self._saved):
+        for layer, forward in zip(self.layers, self._saved, strict=True):
             layer.forward = forward
         self._saved.clear()
 
@@ -219,13 +226,14 @@ def walk(
         stats = {n: InputStats() for n in linears}
         dense_out = []
         if needs_data:
-            want_H = method == "sparsegpt"
             hooks = [
-                m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0].detach(), want_H))
+                m.register_forward_hook(
+                    lambda mod, inp, out, s=stats[n]: s.add(inp[0].detach(), want_hessian=method == "sparsegpt")
+                )
                 for n, m in linears.items()
             ]
             try:
-                for h, call in zip(hidden, calls[index]):
+                for h, call in zip(hidden, calls[index], strict=True):
                     out = _output(call(layer, h))
                     if track_error:
                         dense_out.append(out)
@@ -265,8 +273,14 @@ def walk(
         layer.to(home)
         del dense_out, stats
         results.append(
-            LayerResult(index, f"{layers_name}.{index}", nm.sparsity if nm else layer_sparsity[index], error,
-                        time.perf_counter() - start, linear_results)
+            LayerResult(
+                index,
+                f"{layers_name}.{index}",
+                nm.sparsity if nm else layer_sparsity[index],
+                error,
+                time.perf_counter() - start,
+                linear_results,
+            )
         )
         if device.type == "cuda":
             torch.cuda.empty_cache()

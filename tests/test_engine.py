@@ -72,9 +72,7 @@ def test_embeddings_and_head_never_pruned(family):
     embed_before = model.get_input_embeddings().weight.detach().clone()
     report = secateurs.prune(model, "wanda", torch.randint(0, VOCAB, (2, 16)), progress=False)
     layers_name, layers = find_layers(model)
-    pruned_weights = {
-        f"{layers_name}.{i}.{n}.weight" for i, layer in enumerate(layers) for n in find_linears(layer)
-    }
+    pruned_weights = {f"{layers_name}.{i}.{n}.weight" for i, layer in enumerate(layers) for n in find_linears(layer)}
     assert {lin["name"] + ".weight" for lin in report.linears} == pruned_weights
     for name, param in model.named_parameters():
         if name not in pruned_weights:
@@ -99,8 +97,9 @@ def test_magnitude_needs_no_calibration_and_thresholds_per_matrix():
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_nm_pattern_every_group(method):
     model = tiny_model("qwen2")
-    secateurs.prune(model, secateurs.Recipe(method=method, pattern="2:4"), torch.randint(0, VOCAB, (2, 16)),
-                    progress=False)
+    secateurs.prune(
+        model, secateurs.Recipe(method=method, pattern="2:4"), torch.randint(0, VOCAB, (2, 16)), progress=False
+    )
     for layer in find_layers(model)[1]:
         for module in find_linears(layer).values():
             W = weight_view(module)
@@ -110,8 +109,12 @@ def test_nm_pattern_every_group(method):
 
 def test_exclude_leaves_linears_dense():
     model = tiny_model("llama")
-    report = secateurs.prune(model, secateurs.Recipe(sparsity=0.5, exclude=["*.mlp.down_proj"]),
-                             torch.randint(0, VOCAB, (2, 16)), progress=False)
+    report = secateurs.prune(
+        model,
+        secateurs.Recipe(sparsity=0.5, exclude=["*.mlp.down_proj"]),
+        torch.randint(0, VOCAB, (2, 16)),
+        progress=False,
+    )
     assert not any(lin["name"].endswith("down_proj") for lin in report.linears)
     for layer in find_layers(model)[1]:
         assert torch.count_nonzero(layer.mlp.down_proj.weight) == layer.mlp.down_proj.weight.numel()
@@ -125,8 +128,9 @@ def test_nm_width_not_divisible_is_a_clear_error():
 
 def test_report_counts_and_per_linear_sparsity():
     model = tiny_model("opt")
-    report = secateurs.prune(model, secateurs.Recipe(method="wanda", sparsity=0.7),
-                             torch.randint(0, VOCAB, (2, 16)), progress=False)
+    report = secateurs.prune(
+        model, secateurs.Recipe(method="wanda", sparsity=0.7), torch.randint(0, VOCAB, (2, 16)), progress=False
+    )
     data = report.to_dict()
     assert data["recipe"]["method"] == "wanda"
     for lin in report.linears:

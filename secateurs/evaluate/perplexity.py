@@ -49,8 +49,9 @@ def wants_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def eval_windows(tokens: torch.Tensor, seqlen: int, bos_token_id: int | None = None,
-                 max_windows: int | None = None) -> torch.Tensor:
+def eval_windows(
+    tokens: torch.Tensor, seqlen: int, bos_token_id: int | None = None, max_windows: int | None = None
+) -> torch.Tensor:
     """Cut a 1-D token stream into [windows, seqlen] non-overlapping windows (BOS first if given)."""
     if seqlen < 2:
         raise SecateursError(f"seqlen must be at least 2, got {seqlen}")
