@@ -29,13 +29,6 @@ def _as_recipe(recipe: Recipe | str | dict) -> Recipe:
     return Recipe(method=recipe)
 
 
-def calibration_windows(calibration: Calibration, tokenizer) -> torch.Tensor:
-    """Token windows [nsamples, seqlen] for a calibration spec."""
-    return data.calibration_windows(
-        calibration.source, tokenizer, calibration.nsamples, calibration.seqlen, calibration.seed
-    )
-
-
 def _check_pattern(model: nn.Module, recipe: Recipe) -> None:
     """Fail before any work if an N:M pattern does not fit some linear's input width."""
     nm = recipe.nm
@@ -81,7 +74,7 @@ def prune(
         if isinstance(calibration, Calibration):
             if tokenizer is None:
                 raise SecateursError("a Calibration spec needs the model's tokenizer (tokenizer=...)")
-            windows = calibration_windows(calibration, tokenizer)
+            windows = calibration.windows(tokenizer)
             calib_meta = {**calibration.to_dict(), "description": data.describe_source(calibration.source)}
         else:
             windows = torch.as_tensor(calibration, dtype=torch.long)
@@ -116,24 +109,44 @@ def prune(
     )
 
 
+LOCAL_EVAL_WINDOWS = 40  # default cap for bundled and local text, so the embedded default runs in minutes
+C4_EVAL_WINDOWS = 256  # the SparseGPT protocol for C4
+
+
+def default_eval_windows(source: str) -> int | None:
+    """All windows for wikitext2 (paper protocol), 256 for c4, 40 for bundled corpora and local files."""
+    if data.source_kind(source) == "hub":
+        return C4_EVAL_WINDOWS if data.describe_source(source).startswith("hub:allenai/c4") else None
+    return LOCAL_EVAL_WINDOWS
+
+
 def evaluate(
     model: nn.Module,
     tokenizer,
     source: str = "bible",
     *,
     seqlen: int = 512,
-    max_windows: int | None = None,
+    max_windows: int | None | str = "auto",
     bos: bool | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``source`` with the paper protocol (see :mod:`secateurs.evaluate`).
 
+    ``max_windows``: score at most this many windows; None for all; "auto" for :func:`default_eval_windows`.
     ``bos`` None means: BOS at the start of every window exactly when the tokenizer adds one by default.
     """
+    if max_windows == "auto":
+        max_windows = default_eval_windows(source)
     tokens = data.evaluation_tokens(source, tokenizer)
     use_bos = wants_bos(tokenizer) if bos is None else bos
-    windows = eval_windows(tokens, seqlen, tokenizer.bos_token_id if use_bos else None, max_windows)
+    bos_id = tokenizer.bos_token_id if use_bos else None
+    if use_bos and bos_id is None:
+        raise SecateursError("BOS requested but the tokenizer has no BOS token")
+    windows = eval_windows(tokens, seqlen, bos_id, max_windows)
+    available = tokens.numel() // (seqlen - 1 if use_bos else seqlen)
     if device is not None:
         model.to(default_device(device))
-    return perplexity(model, windows, bos=use_bos, source=data.describe_source(source), progress=progress)
+    return perplexity(
+        model, windows, bos=use_bos, source=data.describe_source(source), available_windows=available, progress=progress
+    )

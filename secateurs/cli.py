@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from secateurs import data
 from secateurs.errors import SecateursError
 
 log = logging.getLogger("secateurs")
@@ -43,6 +44,18 @@ def _add_eval(p: argparse.ArgumentParser, default: str | None) -> None:
         default="auto",
         help="BOS at the start of each window: auto = when the tokenizer adds one by default",
     )
+
+
+def _windows(text: str):
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'all' or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,9 +154,13 @@ def cmd_prune(args) -> dict:
     )
     calibration = Calibration(args.calibration, args.nsamples, args.seqlen, args.seed)
     device = default_device(args.device)
-    if args.output:
-        check_output(args.output, args.overwrite)
+    output = check_output(args.output, args.overwrite) if args.output else None
     do_eval = args.eval and args.eval.lower() != "none"
+    # fail on a bad source now, not after minutes of work
+    if recipe.method != "magnitude":
+        data.describe_source(calibration.source)
+    if do_eval:
+        data.describe_source(args.eval)
 
     log.info("loading %s", args.model)
     t0 = time.perf_counter()
@@ -151,6 +168,8 @@ def cmd_prune(args) -> dict:
     log.info("loaded in %.1f s: %s, %s", time.perf_counter() - t0, type(model).__name__, model.dtype)
     if device.type == "cuda":
         model.to(device)
+    if recipe.method != "magnitude":
+        calibration.windows(tokenizer)
 
     dense = _evaluate(model, tokenizer, args, "dense ") if do_eval and not args.no_dense_eval else None
     log.info(
@@ -176,12 +195,12 @@ def cmd_prune(args) -> dict:
             "dense": dense.to_dict() if dense else None,
             "pruned": pruned.to_dict() if pruned else None,
         },
-        "output": str(args.output) if args.output else None,
+        "output": str(output) if output else None,
     }
-    if args.output:
+    if output:
         model.to(torch.device("cpu"))
-        save_pruned(model, tokenizer, args.output, out, overwrite=args.overwrite)
-        log.info("saved to %s", args.output)
+        save_pruned(model, tokenizer, output, out, overwrite=args.overwrite)
+        log.info("saved to %s", output)
     return out
 
 
@@ -189,10 +208,11 @@ def cmd_eval(args) -> dict:
     from secateurs.models import default_device, load_model
 
     device = default_device(args.device)
-    model, tokenizer, model_desc = load_model(args.model, args.dtype)
-    model.to(device)
     if not args.eval or args.eval.lower() == "none":
         raise SecateursError("eval needs --eval SOURCE")
+    data.describe_source(args.eval)
+    model, tokenizer, model_desc = load_model(args.model, args.dtype)
+    model.to(device)
     result = _evaluate(model, tokenizer, args, "")
     return {"model": model_desc, "dtype": str(model.dtype).replace("torch.", ""), **result.to_dict()}
 
@@ -208,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("secateurs: interrupted; nothing was saved", file=sys.stderr)
         return 130
+    except OSError as exc:
+        print(f"secateurs: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except MemoryError:
         print("secateurs: error: out of memory", file=sys.stderr)
         return 1

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from secateurs.errors import SecateursError
@@ -17,35 +17,43 @@ from secateurs.errors import SecateursError
 REPORT_NAME = "report.json"
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse a non-empty existing output (unless overwrite) or an unwritable parent, before any work."""
-    path = Path(path).expanduser()
+    """Refuse a non-empty existing output (unless overwrite) or an unwritable location, before any work.
+
+    Creates nothing: missing parent folders are made when the model is saved.
+    """
+    path = Path(path).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise SecateursError(f"output {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise SecateursError(f"output folder {path} exists and is not empty (use --overwrite to replace it)")
-    parent = path.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SecateursError(f"cannot create output folder {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SecateursError(f"output folder {parent} is not writable")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise SecateursError(f"cannot create output folder {path}: {base} is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise SecateursError(f"cannot create output folder {path}: {base} is not writable")
     return path
 
 
 class AtomicFolder:
-    """``with AtomicFolder(out) as tmp: write into tmp`` -> renamed to ``out`` on success, removed on failure."""
+    """``with AtomicFolder(out) as tmp:`` write into tmp; renamed to ``out`` on success, removed on failure."""
 
     def __init__(self, path: str | Path, overwrite: bool = False):
         self.path = check_output(path, overwrite)
 
     def __enter__(self) -> Path:
-        parent = self.path.resolve().parent
+        self.tmp = self.path.parent / f".{self.path.name}.partial-{secrets.token_hex(4)}"
         try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()  # follows the umask, unlike tempfile.mkdtemp's 0700
         except OSError as exc:
-            raise SecateursError(f"cannot write in {parent}: {exc.strerror}") from None
+            raise SecateursError(f"cannot write in {self.path.parent}: {exc.strerror or exc}") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -60,10 +68,13 @@ class AtomicFolder:
 
 def save_pruned(model, tokenizer, folder: str | Path, report: dict | None = None, overwrite: bool = False) -> Path:
     """Save model (safetensors), tokenizer and report into ``folder`` atomically."""
-    with AtomicFolder(folder, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        with AtomicFolder(folder, overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if report is not None:
+                (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        raise SecateursError(f"cannot save to {folder}: {exc.strerror or exc}") from None
     return Path(folder)

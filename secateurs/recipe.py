@@ -7,6 +7,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from secateurs import data
 from secateurs.errors import SecateursError
 from secateurs.methods import METHODS
 from secateurs.patterns import NM, check_sparsity, parse_nm
@@ -83,6 +86,13 @@ class Calibration:
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
+    _windows: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def windows(self, tokenizer) -> torch.Tensor:
+        """The token windows [nsamples, seqlen] (tokenised once, then cached on this object)."""
+        if self._windows is None:
+            self._windows = data.calibration_windows(self.source, tokenizer, self.nsamples, self.seqlen, self.seed)
+        return self._windows
 
     def __post_init__(self) -> None:
         if self.nsamples < 1:
@@ -91,4 +101,4 @@ class Calibration:
             raise SecateursError(f"seqlen must be at least 2, got {self.seqlen}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"source": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}

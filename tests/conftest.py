@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import transformers
@@ -109,4 +107,72 @@ def tiny_model(family: str = "llama", seed: int = 0):
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # tiny models: threads cost more than they bring
+
+
+# ------------------------------------------------------------------------------- saved model folders (CLI tests)
+TOKENIZER_VOCAB = 300  # 256 byte tokens + <s> + </s>, rounded up: the vocab of the saved tiny models
+
+
+def byte_level_tokenizer(bos: bool = True):
+    """An offline fast tokenizer built in code: token id = UTF-8 byte (0-255), plus ``<s>`` (256) and ``</s>`` (257).
+
+    With ``bos`` it puts ``<s>`` in front of every encoded text (as LLaMA's does), so the perplexity protocol
+    uses BOS windows; without, it has no BOS token at all (like GPT-2 style tokenizers used without one).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(256, 512))
+    chars = {b: chr(b if b in keep else next(extra)) for b in range(256)}
+    vocab = {chars[b]: b for b in range(256)}
+    vocab.update({"<s>": 256, "</s>": 257})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<s>", "</s>"])
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 256)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<s>", eos_token="</s>", model_max_length=1024
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", model_max_length=1024)
+
+
+def save_tiny_model_dir(folder, family: str = "llama", bos: bool = True, seed: int = 0):
+    """Save a tiny random ``family`` model (vocab 300) and :func:`byte_level_tokenizer` as a normal HF folder."""
+    torch.manual_seed(seed)
+    config = _config(family)
+    config.vocab_size = TOKENIZER_VOCAB
+    config.bos_token_id = 256 if bos else None
+    config.eos_token_id = 257
+    config.pad_token_id = None
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder)
+    byte_level_tokenizer(bos).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny LLaMA (3 layers, vocab 300) with an offline byte-level tokenizer (BOS), saved to a folder."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama", "llama", bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 (Conv1D linears, vocab 300), tokenizer without BOS, saved to a folder."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2", bos=False)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A small local English .txt file (the first 6000 characters of the bundled Bible) for calibration/eval."""
+    from secateurs.data import read_text
+
+    path = tmp_path_factory.mktemp("text") / "sample.txt"
+    path.write_text(read_text("bible")[:6000], encoding="utf-8")
+    return path

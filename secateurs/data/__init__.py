@@ -319,6 +319,11 @@ def evaluation_tokens(source: str, tokenizer, split: str = "test") -> torch.Tens
     return _tokens(str(source), tokenizer, text)
 
 
+def source_kind(source: str) -> str:
+    """``"bundled"``, ``"file"`` or ``"hub"``: what kind of source ``source`` names."""
+    return _resolve(source)[0]
+
+
 def describe_source(source: str, split: str | None = None) -> str:
     """A short string naming what ``source`` resolved to, for reports and JSON.
 

@@ -27,12 +27,14 @@ class PerplexityResult:
     bos: bool
     tokens_scored: int
     source: str = ""
+    available_windows: int | None = None  # windows the whole text holds, when only the first ones were scored
 
     @property
     def protocol(self) -> str:
         bos = "BOS + seqlen-1 text tokens per window" if self.bos else "no BOS"
+        of = f"first {self.windows} of {self.available_windows}" if self.available_windows else str(self.windows)
         return (
-            f"{self.source or 'text'}: {self.windows} non-overlapping windows of {self.seqlen} tokens ({bos}), "
+            f"{self.source or 'text'}: {of} non-overlapping windows of {self.seqlen} tokens ({bos}), "
             f"batch 1, loss over the {self.seqlen - 1} shifted targets, ppl = exp(mean NLL)"
         )
 
@@ -75,6 +77,7 @@ def perplexity(
     bos: bool = False,
     device: torch.device | str | None = None,
     source: str = "",
+    available_windows: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``model`` over evaluation windows [n, seqlen] (see :func:`eval_windows`)."""
@@ -86,4 +89,6 @@ def perplexity(
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
     n, seqlen = windows.shape
     nll = total / n
-    return PerplexityResult(math.exp(nll), nll, n, seqlen, bos, n * (seqlen - 1), source)
+    if available_windows == n:
+        available_windows = None
+    return PerplexityResult(math.exp(nll), nll, n, seqlen, bos, n * (seqlen - 1), source, available_windows)
