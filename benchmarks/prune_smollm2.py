@@ -58,8 +58,11 @@ def main() -> None:
         f"{args.seqlen}-token windows of bundled:bible, no BOS, batch 1, ppl = exp(mean NLL)"
     )
     if args.windows_out:
-        save_file({"calibration": calib.contiguous(), "evaluation": evaluation.contiguous()}, args.windows_out,
-                  metadata={"protocol": protocol})
+        save_file(
+            {"calibration": calib.contiguous(), "evaluation": evaluation.contiguous()},
+            args.windows_out,
+            metadata={"protocol": protocol},
+        )
 
     forward_s = dense_forward_seconds(model, calib)
     dense_ppl = perplexity(model, evaluation, progress=False).perplexity
@@ -69,8 +72,9 @@ def main() -> None:
         for pattern in args.patterns.split(","):
             model, tokenizer, _ = load_model(args.model, "float32")
             nm = ":" in pattern
-            recipe = secateurs.Recipe(method=method, pattern=pattern if nm else None,
-                                      sparsity=0.5 if nm else float(pattern))
+            recipe = secateurs.Recipe(
+                method=method, pattern=pattern if nm else None, sparsity=0.5 if nm else float(pattern)
+            )
             report = secateurs.prune(model, recipe, calib, progress=False)
             ppl = perplexity(model, evaluation, progress=False).perplexity
             row = {
@@ -94,12 +98,17 @@ def main() -> None:
         if r["method"] == "dense":
             print(f"| dense | - | {r['perplexity']:.2f} | | | | |")
         else:
-            print(f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {r['prune_seconds']:.1f} | "
-                  f"{r['forward_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['sparsity']:.4f} |")
+            print(
+                f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {r['prune_seconds']:.1f} | "
+                f"{r['forward_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['sparsity']:.4f} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"protocol": protocol, "dense_forward_seconds": forward_s, "rows": rows,
-                       "versions": versions()}, f, indent=2)
+            json.dump(
+                {"protocol": protocol, "dense_forward_seconds": forward_s, "rows": rows, "versions": versions()},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":
