@@ -45,6 +45,34 @@ class InputStats:
             self.H_sum = xtx if self.H_sum is None else self.H_sum + xtx
 
 
+class _StatsCollector:
+    """Forward hooks that accumulate each linear's input statistics.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one statistics object, so the sums (and
+    SparseGPT's x x^T) are computed once per distinct input. The inputs seen in the current window are held,
+    so their memory cannot be reused by another tensor and mistaken for the same input.
+    """
+
+    def __init__(self, stats: dict[str, InputStats], want_hessian: bool):
+        self.stats, self.want_hessian = stats, want_hessian
+        self.seen: dict[tuple, tuple[torch.Tensor, InputStats]] = {}
+
+    def hook(self, name: str):
+        def accumulate(module, inputs, output):
+            x = inputs[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+            if key in self.seen:
+                self.stats[name] = self.seen[key][1]
+                return
+            self.stats[name].add(x, self.want_hessian)
+            self.seen[key] = (x, self.stats[name])
+
+        return accumulate
+
+    def next_window(self) -> None:
+        self.seen.clear()
+
+
 @dataclass
 class LinearResult:
     name: str
@@ -226,15 +254,12 @@ def walk(
         stats = {n: InputStats() for n in linears}
         dense_out = []
         if needs_data:
-            hooks = [
-                m.register_forward_hook(
-                    lambda mod, inp, out, s=stats[n]: s.add(inp[0].detach(), want_hessian=method == "sparsegpt")
-                )
-                for n, m in linears.items()
-            ]
+            collector = _StatsCollector(stats, want_hessian=method == "sparsegpt")
+            hooks = [m.register_forward_hook(collector.hook(n)) for n, m in linears.items()]
             try:
                 for h, call in zip(hidden, calls[index], strict=True):
                     out = _output(call(layer, h))
+                    collector.next_window()
                     if track_error:
                         dense_out.append(out)
             finally:

@@ -138,3 +138,33 @@ def test_report_counts_and_per_linear_sparsity():
         assert lin["pruned"] == rows * int(cols * 0.7)
     assert report.prune_seconds > 0 and report.peak_rss_bytes > 0
     assert data["versions"]["torch"]
+
+
+def test_linears_fed_the_same_input_share_statistics():
+    from secateurs.engine import InputStats, _StatsCollector
+
+    model = tiny_model("llama")
+    layer = find_layers(model)[1][0]
+    linears = find_linears(layer)
+    inputs = {n: [] for n in linears}
+    probes = [
+        m.register_forward_pre_hook(lambda mod, a, n=n: inputs[n].append(a[0].clone())) for n, m in linears.items()
+    ]
+    stats = {n: InputStats() for n in linears}
+    collector = _StatsCollector(stats, want_hessian=True)
+    hooks = [m.register_forward_hook(collector.hook(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randint(0, VOCAB, (1, 12)))
+            collector.next_window()
+    for h in hooks + probes:
+        h.remove()
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
+    assert stats["mlp.down_proj"] is not stats["mlp.up_proj"]
+    for name, seen in inputs.items():
+        X = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+        assert stats[name].nsamples == 3
+        torch.testing.assert_close(stats[name].sq_norm, (X**2).sum(0))
+        torch.testing.assert_close(stats[name].H_sum, X.t() @ X)
