@@ -631,3 +631,15 @@ def test_subprocess_unknown_hub_model(text_file, tmp_path):
     assert line.startswith("secateurs: error:") and "nobody-here/no-such-model-xyz" in line
     assert proc.stdout == ""
     assert_nothing_left(out)
+
+
+def test_eval_windows_default_is_capped_for_local_text_and_whole_for_wikitext2():
+    from secateurs.api import default_eval_windows
+    from secateurs.cli import build_parser
+
+    assert build_parser().parse_args(["prune"]).eval_windows == "auto"
+    assert build_parser().parse_args(["eval", "m", "--eval-windows", "all"]).eval_windows is None
+    assert build_parser().parse_args(["eval", "m", "--eval-windows", "7"]).eval_windows == 7
+    assert default_eval_windows("bible") == 40
+    assert default_eval_windows("wikitext2") is None
+    assert default_eval_windows("c4") == 256
