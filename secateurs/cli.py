@@ -202,6 +202,15 @@ def cmd_prune(args) -> dict:
         model.to(torch.device("cpu"))
         save_pruned(model, tokenizer, output, out, overwrite=args.overwrite)
         log.info("saved to %s", output)
+    if dense and pruned:
+        log.info(
+            "perplexity %.3f -> %.3f (%s, %s), %.1f s of pruning",
+            dense.perplexity,
+            pruned.perplexity,
+            recipe.method,
+            recipe.pattern_name,
+            report.prune_seconds,
+        )
     return out
 
 
