@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from secateurs import data
-from secateurs.engine import walk
+from secateurs.allocation import layer_outlier_ratio, load_allocation, owl_sparsities
+from secateurs.engine import dense_walk, walk
 from secateurs.errors import SecateursError
 from secateurs.evaluate import PerplexityResult, perplexity, wants_bos
 from secateurs.evaluate.perplexity import eval_windows
@@ -68,7 +69,7 @@ def prune(
     _check_pattern(model, recipe)
     calib_meta = None
     windows = None
-    if recipe.method != "magnitude":
+    if recipe.method != "magnitude" or recipe.allocation == "owl":
         if calibration is None:
             calibration = Calibration()
         if isinstance(calibration, Calibration):
@@ -81,13 +82,29 @@ def prune(
             if windows.dim() != 2:
                 raise SecateursError(f"calibration windows must be [nsamples, seqlen], got {tuple(windows.shape)}")
             calib_meta = {"source": "tensor", "nsamples": windows.shape[0], "seqlen": windows.shape[1]}
-    _, layers = find_layers(model)
+    layers_name, layers = find_layers(model)
+    layer_names = [f"{layers_name}.{i}" for i in range(len(layers))]
+    ratios = None
     start = time.perf_counter()
     with PeakMemory() as mem:
+        if recipe.allocation == "uniform":
+            sparsities = [recipe.sparsity] * len(layers)
+        elif recipe.allocation == "owl":
+            ratios = dense_walk(
+                model,
+                windows,
+                device,
+                lambda index, linears, stats: layer_outlier_ratio(linears, stats, recipe.owl_m),
+                skip=recipe.excluded,
+                progress=progress,
+            )
+            sparsities = owl_sparsities(ratios, recipe.sparsity, recipe.owl_lambda)
+        else:
+            sparsities = load_allocation(recipe.allocation, layer_names)
         results = walk(
             model,
             recipe.method,
-            [recipe.sparsity] * len(layers),
+            sparsities,
             recipe.nm,
             windows,
             device,
@@ -105,7 +122,7 @@ def prune(
         prune_seconds=seconds,
         peak_rss_bytes=mem.peak_rss,
         peak_cuda_bytes=mem.peak_cuda,
-        layers=[asdict(r) for r in results],
+        layers=[{**asdict(r), **({"outlier_ratio": ratios[r.index]} if ratios is not None else {})} for r in results],
     )
 
 

@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window, calibration and evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
+    p.add_argument(
+        "--allocation",
+        default="uniform",
+        metavar="uniform|owl|FILE.json",
+        help="per-layer sparsity: uniform, owl (outlier-weighed, from a dense pass), or a JSON file mapping "
+        "layer index or name to sparsity",
+    )
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (default 5)")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL sparsity half-range lambda (default 0.08)")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping (fraction of mean diag H)")
     _add_eval(p, "bible")
     p.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity of the dense model")
@@ -152,13 +161,16 @@ def cmd_prune(args) -> dict:
         exclude=args.exclude,
         blocksize=args.blocksize,
         percdamp=args.percdamp,
+        allocation=args.allocation,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
     )
     calibration = Calibration(args.calibration, args.nsamples, args.seqlen, args.seed)
     device = default_device(args.device)
     output = check_output(args.output, args.overwrite) if args.output else None
     do_eval = args.eval and args.eval.lower() != "none"
     # fail on a bad source now, not after minutes of work
-    if recipe.method != "magnitude":
+    if recipe.method != "magnitude" or recipe.allocation == "owl":
         data.describe_source(calibration.source)
     if do_eval:
         data.describe_source(args.eval)
@@ -169,7 +181,7 @@ def cmd_prune(args) -> dict:
     log.info("loaded in %.1f s: %s, %s", time.perf_counter() - t0, type(model).__name__, model.dtype)
     if device.type == "cuda":
         model.to(device)
-    if recipe.method != "magnitude":
+    if recipe.method != "magnitude" or recipe.allocation == "owl":
         calibration.windows(tokenizer)
 
     dense = _evaluate(model, tokenizer, args, "dense ") if do_eval and not args.no_dense_eval else None

@@ -221,6 +221,53 @@ def capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, p
     return rec.inputs, rec.calls
 
 
+def _run_collecting(layer, linears, hidden, calls, want_hessian: bool, keep_outputs: bool):
+    """Run every window through ``layer`` with hooks summing each linear's input statistics."""
+    stats = {n: InputStats() for n in linears}
+    collector = _StatsCollector(stats, want_hessian)
+    hooks = [m.register_forward_hook(collector.hook(n)) for n, m in linears.items()]
+    outputs = []
+    try:
+        for h, call in zip(hidden, calls, strict=True):
+            out = _output(call(layer, h))
+            collector.next_window()
+            if keep_outputs:
+                outputs.append(out)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats, outputs
+
+
+@torch.no_grad()
+def dense_walk(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    device: torch.device,
+    per_layer: Callable[[int, dict[str, nn.Module], dict[str, InputStats]], object],
+    *,
+    skip: Callable[[str], bool] = lambda name: False,
+    progress: bool = True,
+) -> list:
+    """One pass through the dense model: ``per_layer(index, linears, stats)`` for each decoder layer.
+
+    Statistics come from the dense model's own activations (nothing is pruned), e.g. for OWL's outlier ratios.
+    """
+    layers_name, layers = find_layers(model)
+    hidden, calls = capture(model, calibration, device, progress)
+    results = []
+    for index in tqdm(range(len(layers)), desc="dense statistics", disable=not progress):
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = {n: m for n, m in find_linears(layer).items() if not skip(f"{layers_name}.{index}.{n}")}
+        stats, hidden = _run_collecting(layer, linears, hidden, calls[index], False, keep_outputs=True)
+        calls[index] = None
+        results.append(per_layer(index, linears, stats))
+        layer.to(home)
+    return results
+
+
 @torch.no_grad()
 def walk(
     model: nn.Module,
@@ -251,20 +298,10 @@ def walk(
         home = next(layer.parameters()).device
         layer.to(device)
         linears = {n: m for n, m in find_linears(layer).items() if not skip(f"{layers_name}.{index}.{n}")}
-        stats = {n: InputStats() for n in linears}
+        stats: dict[str, InputStats] = {}
         dense_out = []
         if needs_data:
-            collector = _StatsCollector(stats, want_hessian=method == "sparsegpt")
-            hooks = [m.register_forward_hook(collector.hook(n)) for n, m in linears.items()]
-            try:
-                for h, call in zip(hidden, calls[index], strict=True):
-                    out = _output(call(layer, h))
-                    collector.next_window()
-                    if track_error:
-                        dense_out.append(out)
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            stats, dense_out = _run_collecting(layer, linears, hidden, calls[index], method == "sparsegpt", track_error)
         linear_results = []
         for name, module in linears.items():
             mask, info = prune_linear(

@@ -31,6 +31,9 @@ class Recipe:
     exclude: list[str] = field(default_factory=list)
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # SparseGPT damping, fraction of mean(diag H)
+    allocation: str = "uniform"  # per-layer sparsity: "uniform", "owl", or a JSON file layer -> sparsity
+    owl_m: float = 5.0  # OWL: a score is an outlier above owl_m x the layer's mean score
+    owl_lambda: float = 0.08  # OWL: layer sparsities span target +- owl_lambda
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -45,6 +48,14 @@ class Recipe:
         if not (0 < self.percdamp):
             raise SecateursError(f"percdamp must be positive, got {self.percdamp}")
         self.exclude = list(self.exclude)
+        if self.allocation not in ("uniform", "owl") and not str(self.allocation).endswith(".json"):
+            raise SecateursError(
+                f"unknown allocation {self.allocation!r}: use uniform, owl, or a .json file layer -> sparsity"
+            )
+        if self.allocation != "uniform" and self.pattern is not None:
+            raise SecateursError("a per-layer allocation needs unstructured sparsity, not an N:M pattern")
+        if self.owl_m <= 0 or not 0 <= self.owl_lambda < 0.5:
+            raise SecateursError(f"need owl_m > 0 and 0 <= owl_lambda < 0.5, got {self.owl_m}, {self.owl_lambda}")
 
     @property
     def nm(self) -> NM | None:
@@ -52,7 +63,10 @@ class Recipe:
 
     @property
     def pattern_name(self) -> str:
-        return f"{self.pattern} (N:M)" if self.pattern else f"{self.sparsity:g} unstructured"
+        if self.pattern:
+            return f"{self.pattern} (N:M)"
+        allocation = "" if self.allocation == "uniform" else f", {self.allocation} allocation"
+        return f"{self.sparsity:g} unstructured{allocation}"
 
     def excluded(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
