@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--patterns", default="0.5,0.7,2:4")
+    parser.add_argument("--allocations", default="uniform", help="uniform,owl (owl: unstructured patterns only)")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=LOCAL_EVAL_WINDOWS)
@@ -68,39 +69,49 @@ def main() -> None:
     dense_ppl = perplexity(model, evaluation, progress=False).perplexity
     rows = [{"method": "dense", "pattern": "-", "perplexity": dense_ppl}]
     print(f"dense: ppl {dense_ppl:.3f}; one forward pass of the calibration windows: {forward_s:.1f} s", flush=True)
-    for method in args.methods.split(","):
-        for pattern in args.patterns.split(","):
-            model, tokenizer, _ = load_model(args.model, "float32")
-            nm = ":" in pattern
-            recipe = secateurs.Recipe(
-                method=method, pattern=pattern if nm else None, sparsity=0.5 if nm else float(pattern)
-            )
-            report = secateurs.prune(model, recipe, calib, progress=False)
-            ppl = perplexity(model, evaluation, progress=False).perplexity
-            row = {
-                "method": method,
-                "pattern": pattern,
-                "perplexity": ppl,
-                "prune_seconds": report.prune_seconds,
-                "forward_ratio": report.prune_seconds / forward_s,
-                "peak_rss_mb": report.peak_rss_bytes / 2**20,
-                "sparsity": report.sparsity,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del model
+    grid = [
+        (method, pattern, allocation)
+        for method in args.methods.split(",")
+        for allocation in args.allocations.split(",")
+        for pattern in args.patterns.split(",")
+        if allocation == "uniform" or ":" not in pattern
+    ]
+    for method, pattern, allocation in grid:
+        model, tokenizer, _ = load_model(args.model, "float32")
+        nm = ":" in pattern
+        recipe = secateurs.Recipe(
+            method=method,
+            pattern=pattern if nm else None,
+            sparsity=0.5 if nm else float(pattern),
+            allocation=allocation,
+        )
+        report = secateurs.prune(model, recipe, calib, progress=False)
+        ppl = perplexity(model, evaluation, progress=False).perplexity
+        row = {
+            "method": method if allocation == "uniform" else f"{allocation}-{method}",
+            "pattern": pattern,
+            "perplexity": ppl,
+            "prune_seconds": report.prune_seconds,
+            "forward_ratio": report.prune_seconds / forward_s,
+            "peak_rss_mb": report.peak_rss_bytes / 2**20,
+            "rss_growth_mb": (report.peak_rss_bytes - report.rss_before_bytes) / 2**20,
+            "sparsity": report.sparsity,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
 
     print(f"\nProtocol: {protocol}")
     print(f"One dense forward pass of the calibration windows: {forward_s:.1f} s\n")
-    print("| method | pattern | perplexity | prune s | x dense forward | peak RSS MB | sparsity |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | pattern | perplexity | prune s | x dense forward | peak RSS MB | RSS growth MB | sparsity |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["method"] == "dense":
-            print(f"| dense | - | {r['perplexity']:.2f} | | | | |")
+            print(f"| dense | - | {r['perplexity']:.2f} | | | | | |")
         else:
             print(
                 f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {r['prune_seconds']:.1f} | "
-                f"{r['forward_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['sparsity']:.4f} |"
+                f"{r['forward_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} | {r['sparsity']:.4f} |"
             )
     if args.json:
         with open(args.json, "w") as f:

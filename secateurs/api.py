@@ -120,6 +120,7 @@ def prune(
         calibration=calib_meta,
         device=str(device),
         prune_seconds=seconds,
+        rss_before_bytes=mem.start_rss,
         peak_rss_bytes=mem.peak_rss,
         peak_cuda_bytes=mem.peak_cuda,
         layers=[{**asdict(r), **({"outlier_ratio": ratios[r.index]} if ratios is not None else {})} for r in results],

@@ -32,7 +32,7 @@ class PeakMemory:
 
     def __init__(self, interval: float = 0.02):
         self.interval = interval
-        self.peak_rss = 0
+        self.start_rss = self.peak_rss = 0
         self.peak_cuda = None
 
     def _sample(self) -> None:
@@ -40,7 +40,7 @@ class PeakMemory:
             self.peak_rss = max(self.peak_rss, rss_bytes())
 
     def __enter__(self):
-        self.peak_rss = rss_bytes()
+        self.start_rss = self.peak_rss = rss_bytes()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._stop = threading.Event()
@@ -76,6 +76,7 @@ class PruneReport:
     calibration: dict | None
     device: str
     prune_seconds: float
+    rss_before_bytes: int  # resident memory when pruning started (the model is already loaded)
     peak_rss_bytes: int
     peak_cuda_bytes: int | None
     layers: list[dict]
