@@ -15,7 +15,7 @@ from secateurs.engine import dense_walk, walk
 from secateurs.errors import SecateursError
 from secateurs.evaluate import PerplexityResult, perplexity, wants_bos
 from secateurs.evaluate.perplexity import eval_windows
-from secateurs.models import default_device, find_layers, find_linears, weight_view
+from secateurs.models import check_seqlen, default_device, find_layers, find_linears, weight_view
 from secateurs.recipe import Calibration, Recipe
 from secateurs.report import PeakMemory, PruneReport
 
@@ -82,10 +82,13 @@ def prune(
             if windows.dim() != 2:
                 raise SecateursError(f"calibration windows must be [nsamples, seqlen], got {tuple(windows.shape)}")
             calib_meta = {"source": "tensor", "nsamples": windows.shape[0], "seqlen": windows.shape[1]}
+        check_seqlen(model, windows.shape[1])
     layers_name, layers = find_layers(model)
     layer_names = [f"{layers_name}.{i}" for i in range(len(layers))]
     ratios = None
     start = time.perf_counter()
+    was_training = model.training
+    model.eval()  # no dropout while collecting statistics
     with PeakMemory() as mem:
         if recipe.allocation == "uniform":
             sparsities = [recipe.sparsity] * len(layers)
@@ -114,6 +117,7 @@ def prune(
             track_error=track_error,
             progress=progress,
         )
+    model.train(was_training)
     seconds = time.perf_counter() - start
     return PruneReport(
         recipe=recipe.to_dict(),
@@ -156,6 +160,7 @@ def evaluate(
     """
     if max_windows == "auto":
         max_windows = default_eval_windows(source)
+    check_seqlen(model, seqlen)
     tokens = data.evaluation_tokens(source, tokenizer)
     use_bos = wants_bos(tokenizer) if bos is None else bos
     bos_id = tokenizer.bos_token_id if use_bos else None

@@ -171,6 +171,18 @@ def weight_view(module: nn.Module) -> torch.Tensor:
     return W if isinstance(module, nn.Linear) else W.t()
 
 
+def check_seqlen(model: nn.Module, seqlen: int) -> None:
+    """Refuse windows longer than the model's position limit (it would fail deep inside the forward)."""
+    config = getattr(model, "config", None)
+    limit = None
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        limit = getattr(config, attr, None) if config is not None else None
+        if isinstance(limit, int):
+            break
+    if isinstance(limit, int) and seqlen > limit:
+        raise SecateursError(f"seqlen {seqlen} exceeds the model's maximum of {limit} positions")
+
+
 def default_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -168,3 +168,22 @@ def test_linears_fed_the_same_input_share_statistics():
         assert stats[name].nsamples == 3
         torch.testing.assert_close(stats[name].sq_norm, (X**2).sum(0))
         torch.testing.assert_close(stats[name].H_sum, X.t() @ X)
+
+
+def test_windows_longer_than_the_model_allows_are_refused():
+    model = tiny_model("gpt2")  # 128 positions
+    with pytest.raises(secateurs.SecateursError, match="exceeds the model's maximum of 128"):
+        secateurs.prune(model, "wanda", torch.randint(0, VOCAB, (1, 200)), progress=False)
+
+
+def test_a_model_in_training_mode_is_pruned_without_dropout():
+    windows = torch.randint(0, VOCAB, (2, 16))
+    reports = []
+    for _ in range(2):
+        model = tiny_model("gpt2")  # GPT-2 has dropout 0.1 by default
+        model.train()
+        reports.append(secateurs.prune(model, "sparsegpt", windows, progress=False))
+        assert model.training  # left as it was
+    assert [layer["output_error"] for layer in reports[0].layers] == [
+        layer["output_error"] for layer in reports[1].layers
+    ]

@@ -83,10 +83,13 @@ def perplexity(
     """Perplexity of ``model`` over evaluation windows [n, seqlen] (see :func:`eval_windows`)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     total = 0.0
+    was_training = model.training
+    model.eval()
     for row in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
         ids = row.unsqueeze(0).to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    model.train(was_training)
     n, seqlen = windows.shape
     nll = total / n
     if available_windows == n:
