@@ -643,3 +643,36 @@ def test_eval_windows_default_is_capped_for_local_text_and_whole_for_wikitext2()
     assert default_eval_windows("bible") == 40
     assert default_eval_windows("wikitext2") is None
     assert default_eval_windows("c4") == 256
+
+
+def test_prune_with_owl_allocation_reports_per_layer_ratios(tiny_model_dir, text_file, tmp_path, capsys):
+    from secateurs.cli import main
+
+    code = main(
+        [
+            "prune",
+            str(tiny_model_dir),
+            "--sparsity",
+            "0.6",
+            "--allocation",
+            "owl",
+            "--owl-lambda",
+            "0.05",
+            "--calibration",
+            str(text_file),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--eval",
+            "none",
+            "--json",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["recipe"]["allocation"] == "owl" and report["recipe"]["owl_lambda"] == 0.05
+    targets = [layer["sparsity_target"] for layer in report["layers"]]
+    assert sum(targets) / len(targets) == pytest.approx(0.6)
+    assert all("outlier_ratio" in layer for layer in report["layers"])
