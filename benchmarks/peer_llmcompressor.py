@@ -400,6 +400,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str, report: dict) -> None:
+    """Write atomically; called after every run so that a killed benchmark keeps what it measured."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -447,6 +456,7 @@ def main(args: argparse.Namespace) -> int:
             },
             "dense": None,
             "runs": [],
+            "complete": False,
         }
 
         if not args.no_dense:
@@ -459,10 +469,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"  dense: ppl {ppl:.3f} ({secs:.1f} s)", flush=True)
             del model
             gc.collect()
+            write_json(args.json, report)
 
         for method in methods:
             for pat in patterns:
                 report["runs"].append(one_run(folder, method, pat, cal, ev, dataset, args.pipeline))
+                write_json(args.json, report)
 
         if args.owl.lower() != "none":
             pat = parse_pattern(args.owl)
@@ -480,9 +492,8 @@ def main(args: argparse.Namespace) -> int:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2, default=str)
+    report["complete"] = True
+    write_json(args.json, report)
 
     v = report["versions"]
     print()

@@ -9,88 +9,38 @@ import transformers
 VOCAB = 128
 
 
+GQA = dict(num_key_value_heads=2)
+STANDARD = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+# family -> (config class name, arguments): small enough to build in milliseconds, large enough for N:M groups
+CONFIGS = {
+    "llama": ("LlamaConfig", {**STANDARD, **GQA, "num_hidden_layers": 3}),
+    "mistral": ("MistralConfig", {**STANDARD, **GQA, "sliding_window": 16}),
+    "qwen2": ("Qwen2Config", {**STANDARD, **GQA}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            **STANDARD,
+            **GQA,
+            "num_hidden_layers": 3,
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    ),
+    "opt": (
+        "OPTConfig",
+        {"hidden_size": 64, "ffn_dim": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "word_embed_proj_dim": 64},
+    ),
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}),
+    "gpt_neox": ("GPTNeoXConfig", STANDARD),
+    "phi3": ("Phi3Config", {**STANDARD, **GQA, "pad_token_id": 0}),
+}
+
+
 def _config(family: str):
-    t = transformers
-    common = dict(vocab_size=VOCAB)
-    if family == "llama":
-        return t.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **common,
-        )
-    if family == "mistral":
-        return t.MistralConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            sliding_window=16,
-            **common,
-        )
-    if family == "qwen2":
-        return t.Qwen2Config(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **common,
-        )
-    if family == "gemma3":
-        return t.Gemma3TextConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=128,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            **common,
-        )
-    if family == "opt":
-        return t.OPTConfig(
-            hidden_size=64,
-            ffn_dim=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=64,
-            max_position_embeddings=128,
-            **common,
-        )
-    if family == "gpt2":
-        return t.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2, **common)
-    if family == "gpt_neox":
-        return t.GPTNeoXConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            **common,
-        )
-    if family == "phi3":
-        return t.Phi3Config(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            **common,
-        )
-    raise ValueError(family)
+    name, kwargs = CONFIGS[family]
+    extra = {} if family == "gpt2" else {"max_position_embeddings": 128}
+    return getattr(transformers, name)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **extra, **kwargs)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "opt", "gpt2", "gpt_neox", "phi3"]

@@ -440,7 +440,7 @@ def test_eval_bad_input(text_file, tmp_path, hub_offline, tiny_model_dir):
     code, stdout, stderr = run_main("eval", tiny_model_dir, "--eval", tmp_path / "missing.txt", "--seqlen", "32")
     assert "missing.txt" in assert_one_error(code, stdout, stderr)
     code, stdout, stderr = run_main("eval", tiny_model_dir, "--eval", text_file, "--seqlen", "100000")
-    assert "too short" in assert_one_error(code, stdout, stderr)
+    assert "exceeds the model's maximum of 128" in assert_one_error(code, stdout, stderr)
 
 
 # ------------------------------------------------------------------------------------------------ output folder
