@@ -67,7 +67,9 @@ def _load_gguf(folder: Path, filename: str, dtype):
 def _load_folder(folder: str | Path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    # read the weights into memory rather than memory-mapping them: pruning rewrites every linear, and
+    # writing into a mapped file would keep both the file pages and private copies resident
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, disable_mmap=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
 
