@@ -17,6 +17,7 @@ import torch
 
 from secateurs.errors import SecateursError
 from secateurs.methods import wanda_scores
+from secateurs.patterns import NM
 
 OWL_M = 5.0  # paper default outlier threshold
 OWL_LAMBDA = 0.08  # paper default half-range of the layer sparsities
@@ -51,6 +52,11 @@ def owl_sparsities(ratios: Sequence[float], target: float, lam: float = OWL_LAMB
             f"({sparsity.min():.3f} .. {sparsity.max():.3f}); lower --owl-lambda"
         )
     return sparsity.tolist()
+
+
+def nm_per_layer(sparsities: Sequence[float], m: int) -> list[NM]:
+    """OWL for N:M: layer l zeroes N_l = round(M * sparsity_l) of every M, kept within [1, M-1]."""
+    return [NM(min(max(round(m * s), 1), m - 1), m) for s in sparsities]
 
 
 def load_allocation(path: str | Path, layer_names: Sequence[str]) -> list[float]:

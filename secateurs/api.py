@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from secateurs import data
-from secateurs.allocation import layer_outlier_ratio, load_allocation, owl_sparsities
+from secateurs.allocation import layer_outlier_ratio, load_allocation, nm_per_layer, owl_sparsities
 from secateurs.engine import dense_walk, walk
 from secateurs.errors import SecateursError
 from secateurs.evaluate import PerplexityResult, perplexity, wants_bos
@@ -104,11 +104,14 @@ def prune(
             sparsities = owl_sparsities(ratios, recipe.sparsity, recipe.owl_lambda)
         else:
             sparsities = load_allocation(recipe.allocation, layer_names)
+        nm = recipe.nm
+        if nm is not None and recipe.allocation != "uniform":
+            nm = nm_per_layer(sparsities, nm.m)
         results = walk(
             model,
             recipe.method,
             sparsities,
-            recipe.nm,
+            nm,
             windows,
             device,
             skip=recipe.excluded,

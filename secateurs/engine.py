@@ -273,7 +273,7 @@ def walk(
     model: nn.Module,
     method: str,
     layer_sparsity: list[float],
-    nm: NM | None,
+    nm: NM | list[NM] | None,
     calibration: torch.Tensor | None,
     device: torch.device,
     *,
@@ -283,10 +283,15 @@ def walk(
     track_error: bool = True,
     progress: bool = True,
 ) -> list[LayerResult]:
-    """Prune every decoder layer in order; ``layer_sparsity[i]`` is layer i's target (ignored with N:M)."""
+    """Prune every decoder layer in order.
+
+    ``layer_sparsity[i]`` is layer i's unstructured target; with N:M, ``nm`` is one pattern for every layer or
+    one per layer (then the sparsities are ignored).
+    """
     layers_name, layers = find_layers(model)
-    if len(layer_sparsity) != len(layers):
-        raise ValueError(f"{len(layer_sparsity)} layer sparsities for {len(layers)} layers")
+    layer_nm = nm if isinstance(nm, list) else [nm] * len(layers)
+    if len(layer_sparsity) != len(layers) or len(layer_nm) != len(layers):
+        raise ValueError(f"{len(layer_sparsity)} layer sparsities, {len(layer_nm)} patterns for {len(layers)} layers")
     needs_data = method != "magnitude"
     if needs_data:
         hidden, calls = capture(model, calibration, device, progress)
@@ -303,6 +308,7 @@ def walk(
         if needs_data:
             stats, dense_out = _run_collecting(layer, linears, hidden, calls[index], method == "sparsegpt", track_error)
         linear_results = []
+        nm = layer_nm[index]
         for name, module in linears.items():
             mask, info = prune_linear(
                 module, method, layer_sparsity[index], nm, stats.pop(name, None), blocksize, percdamp

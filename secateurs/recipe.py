@@ -52,8 +52,6 @@ class Recipe:
             raise SecateursError(
                 f"unknown allocation {self.allocation!r}: use uniform, owl, or a .json file layer -> sparsity"
             )
-        if self.allocation != "uniform" and self.pattern is not None:
-            raise SecateursError("a per-layer allocation needs unstructured sparsity, not an N:M pattern")
         if self.owl_m <= 0 or not 0 <= self.owl_lambda < 0.5:
             raise SecateursError(f"need owl_m > 0 and 0 <= owl_lambda < 0.5, got {self.owl_m}, {self.owl_lambda}")
 
@@ -63,10 +61,8 @@ class Recipe:
 
     @property
     def pattern_name(self) -> str:
-        if self.pattern:
-            return f"{self.pattern} (N:M)"
         allocation = "" if self.allocation == "uniform" else f", {self.allocation} allocation"
-        return f"{self.sparsity:g} unstructured{allocation}"
+        return f"{self.pattern} (N:M){allocation}" if self.pattern else f"{self.sparsity:g} unstructured{allocation}"
 
     def excluded(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)

@@ -9,7 +9,7 @@ import torch
 from conftest import VOCAB, tiny_model
 
 import secateurs
-from secateurs.allocation import load_allocation, outlier_ratio, owl_sparsities
+from secateurs.allocation import load_allocation, nm_per_layer, outlier_ratio, owl_sparsities
 from secateurs.models import find_layers, find_linears, weight_view
 
 
@@ -117,9 +117,29 @@ def test_allocation_file_errors(tmp_path, table, match):
         load_allocation(path, ["model.layers.0", "model.layers.1", "model.layers.2"])
 
 
-def test_allocation_with_nm_is_refused():
-    with pytest.raises(secateurs.SecateursError, match="N:M"):
-        secateurs.Recipe(pattern="2:4", allocation="owl")
+def test_nm_per_layer_rounds_n_within_one_and_m_minus_one():
+    assert [str(nm) for nm in nm_per_layer([0.5, 0.42, 0.58, 0.05, 0.99], 8)] == ["4:8", "3:8", "5:8", "1:8", "7:8"]
+
+
+def test_owl_with_nm_gives_each_layer_its_own_n(tmp_path):
+    model = tiny_model("llama")
+    path = tmp_path / "alloc.json"
+    path.write_text(json.dumps([0.375, 0.5, 0.625]))
+    report = secateurs.prune(
+        model, secateurs.Recipe(pattern="4:8", allocation=str(path)), torch.randint(0, VOCAB, (2, 16)), progress=False
+    )
+    assert [layer["sparsity_target"] for layer in report.layers] == [3 / 8, 4 / 8, 5 / 8]
+    for n, layer in zip((3, 4, 5), find_layers(model)[1], strict=True):
+        for module in find_linears(layer).values():
+            W = weight_view(module)
+            assert ((W.reshape(W.shape[0], -1, 8) == 0).sum(-1) == n).all()
+    report = secateurs.prune(
+        tiny_model("llama"),
+        secateurs.Recipe(pattern="4:8", allocation="owl", owl_lambda=0.15),
+        torch.randint(0, VOCAB, (2, 16)),
+        progress=False,
+    )
+    assert all(layer["sparsity_target"] in (3 / 8, 4 / 8, 5 / 8) for layer in report.layers)
 
 
 def test_dense_pass_leaves_the_model_untouched():
