@@ -40,7 +40,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--patterns", default="0.5,0.7,2:4")
-    parser.add_argument("--allocations", default="uniform", help="uniform,owl (owl: unstructured patterns only)")
+    parser.add_argument("--allocations", default="uniform", help="comma list of: uniform, owl")
+    parser.add_argument("--owl-m", type=float, default=5.0)
+    parser.add_argument("--owl-lambda", type=float, default=0.08)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=LOCAL_EVAL_WINDOWS)
@@ -74,7 +76,6 @@ def main() -> None:
         for method in args.methods.split(",")
         for allocation in args.allocations.split(",")
         for pattern in args.patterns.split(",")
-        if allocation == "uniform" or ":" not in pattern
     ]
     for method, pattern, allocation in grid:
         model, tokenizer, _ = load_model(args.model, "float32")
@@ -84,11 +85,15 @@ def main() -> None:
             pattern=pattern if nm else None,
             sparsity=0.5 if nm else float(pattern),
             allocation=allocation,
+            owl_m=args.owl_m,
+            owl_lambda=args.owl_lambda,
         )
         report = secateurs.prune(model, recipe, calib, progress=False)
         ppl = perplexity(model, evaluation, progress=False).perplexity
         row = {
-            "method": method if allocation == "uniform" else f"{allocation}-{method}",
+            "method": method
+            if allocation == "uniform"
+            else f"{allocation}(M {args.owl_m:g}, λ {args.owl_lambda:g})-{method}",
             "pattern": pattern,
             "perplexity": ppl,
             "prune_seconds": report.prune_seconds,
