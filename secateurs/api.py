@@ -69,7 +69,7 @@ def prune(
     _check_pattern(model, recipe)
     calib_meta = None
     windows = None
-    if recipe.method != "magnitude" or recipe.allocation == "owl":
+    if recipe.needs_calibration:
         if calibration is None:
             calibration = Calibration()
         if isinstance(calibration, Calibration):

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from secateurs import data
 from secateurs.errors import SecateursError
@@ -170,10 +171,12 @@ def cmd_prune(args) -> dict:
     output = check_output(args.output, args.overwrite) if args.output else None
     do_eval = args.eval and args.eval.lower() != "none"
     # fail on a bad source now, not after minutes of work
-    if recipe.method != "magnitude" or recipe.allocation == "owl":
+    if recipe.needs_calibration:
         data.describe_source(calibration.source)
     if do_eval:
         data.describe_source(args.eval)
+    if recipe.allocation.endswith(".json") and not Path(recipe.allocation).is_file():
+        raise SecateursError(f"allocation file not found: {recipe.allocation}")
 
     log.info("loading %s", args.model)
     t0 = time.perf_counter()
@@ -181,7 +184,7 @@ def cmd_prune(args) -> dict:
     log.info("loaded in %.1f s: %s, %s", time.perf_counter() - t0, type(model).__name__, model.dtype)
     if device.type == "cuda":
         model.to(device)
-    if recipe.method != "magnitude" or recipe.allocation == "owl":
+    if recipe.needs_calibration:
         calibration.windows(tokenizer)
 
     dense = _evaluate(model, tokenizer, args, "dense ") if do_eval and not args.no_dense_eval else None

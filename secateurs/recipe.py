@@ -56,6 +56,11 @@ class Recipe:
             raise SecateursError(f"need owl_m > 0 and 0 <= owl_lambda < 0.5, got {self.owl_m}, {self.owl_lambda}")
 
     @property
+    def needs_calibration(self) -> bool:
+        """Magnitude pruning needs no data, unless OWL needs the dense activations."""
+        return self.method != "magnitude" or self.allocation == "owl"
+
+    @property
     def nm(self) -> NM | None:
         return parse_nm(self.pattern) if self.pattern is not None else None
 

@@ -676,3 +676,10 @@ def test_prune_with_owl_allocation_reports_per_layer_ratios(tiny_model_dir, text
     targets = [layer["sparsity_target"] for layer in report["layers"]]
     assert sum(targets) / len(targets) == pytest.approx(0.6)
     assert all("outlier_ratio" in layer for layer in report["layers"])
+
+
+def test_missing_allocation_file_fails_before_loading(tiny_model_dir, tmp_path):
+    code, stdout, stderr = run_main(
+        "prune", tiny_model_dir, "--allocation", tmp_path / "nope.json", "--output", tmp_path / "out"
+    )
+    assert "allocation file not found" in assert_one_error(code, stdout, stderr)
