@@ -55,8 +55,17 @@ def owl_sparsities(ratios: Sequence[float], target: float, lam: float = OWL_LAMB
 
 
 def nm_per_layer(sparsities: Sequence[float], m: int) -> list[NM]:
-    """OWL for N:M: layer l zeroes N_l = round(M * sparsity_l) of every M, kept within [1, M-1]."""
-    return [NM(min(max(round(m * s), 1), m - 1), m) for s in sparsities]
+    """N:M per layer: layer l zeroes about M * sparsity_l of every M, within [1, M-1].
+
+    Largest-remainder rounding keeps sum(N_l) = round(M * sum(sparsity_l)), so the mean sparsity stays the
+    target whenever the clamping to [1, M-1] does not bind.
+    """
+    wanted = [m * s for s in sparsities]
+    n = [int(x) for x in wanted]
+    spare = round(sum(wanted)) - sum(n)
+    for i in sorted(range(len(n)), key=lambda i: wanted[i] - n[i], reverse=True)[: max(spare, 0)]:
+        n[i] += 1
+    return [NM(min(max(k, 1), m - 1), m) for k in n]
 
 
 def load_allocation(path: str | Path, layer_names: Sequence[str]) -> list[float]:
