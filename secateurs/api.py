@@ -11,11 +11,11 @@ from torch import nn
 
 from secateurs import data
 from secateurs.allocation import layer_outlier_ratio, load_allocation, nm_per_layer, owl_sparsities
-from secateurs.engine import dense_walk, walk
+from secateurs.engine import dense_walk, prunable_linears, walk
 from secateurs.errors import SecateursError
 from secateurs.evaluate import PerplexityResult, perplexity, wants_bos
 from secateurs.evaluate.perplexity import eval_windows
-from secateurs.models import check_seqlen, default_device, find_layers, find_linears, weight_view
+from secateurs.models import check_seqlen, default_device, find_layers, weight_view
 from secateurs.recipe import Calibration, Recipe
 from secateurs.report import PeakMemory, PruneReport
 
@@ -37,10 +37,8 @@ def _check_pattern(model: nn.Module, recipe: Recipe) -> None:
         return
     layers_name, layers = find_layers(model)
     for index, layer in enumerate(layers):
-        for name, module in find_linears(layer).items():
+        for name, module in prunable_linears(layer, f"{layers_name}.{index}", recipe.excluded).items():
             full = f"{layers_name}.{index}.{name}"
-            if recipe.excluded(full):
-                continue
             cols = weight_view(module).shape[1]
             if cols % nm.m:
                 raise SecateursError(

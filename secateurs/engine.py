@@ -221,6 +221,11 @@ def capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, p
     return rec.inputs, rec.calls
 
 
+def prunable_linears(layer: nn.Module, prefix: str, skip: Callable[[str], bool]) -> dict[str, nn.Module]:
+    """The linears of one decoder layer (names relative to it) whose full name ``prefix.name`` is not skipped."""
+    return {n: m for n, m in find_linears(layer).items() if not skip(f"{prefix}.{n}")}
+
+
 def _run_collecting(layer, linears, hidden, calls, want_hessian: bool, keep_outputs: bool):
     """Run every window through ``layer`` with hooks summing each linear's input statistics."""
     stats = {n: InputStats() for n in linears}
@@ -260,7 +265,7 @@ def dense_walk(
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
-        linears = {n: m for n, m in find_linears(layer).items() if not skip(f"{layers_name}.{index}.{n}")}
+        linears = prunable_linears(layer, f"{layers_name}.{index}", skip)
         stats, hidden = _run_collecting(layer, linears, hidden, calls[index], False, keep_outputs=True)
         calls[index] = None
         results.append(per_layer(index, linears, stats))
@@ -302,7 +307,7 @@ def walk(
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
-        linears = {n: m for n, m in find_linears(layer).items() if not skip(f"{layers_name}.{index}.{n}")}
+        linears = prunable_linears(layer, f"{layers_name}.{index}", skip)
         stats: dict[str, InputStats] = {}
         dense_out = []
         if needs_data:
@@ -325,7 +330,6 @@ def walk(
                     info=info,
                 )
             )
-            del mask
         error = None
         if needs_data:
             num = den = 0.0
