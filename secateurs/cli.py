@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -14,17 +15,26 @@ from secateurs.errors import SecateursError
 
 log = logging.getLogger("secateurs")
 
+# Further subcommands: each module has add_parser(subparsers, name) (which sets the parser's ``run``
+# default to a function args -> dict) and may reuse add_common / add_eval below.
+_EXTRA_COMMANDS = {
+    "sweep": "secateurs.sweep",
+    "report": "secateurs.analysis.cli",
+    "compress": "secateurs.sparse_format",
+    "bench": "secateurs.runtime.bench",
+}
+
 PAPER_HINT = "paper protocol: --calibration c4 --nsamples 128 --seqlen 2048 --eval wikitext2"
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (as stored; fp32 for GGUF), float32, bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print the machine-readable report on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
-def _add_eval(p: argparse.ArgumentParser, default: str | None) -> None:
+def add_eval(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--eval",
         default=default,
@@ -104,21 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (default 5)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL sparsity half-range lambda (default 0.08)")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping (fraction of mean diag H)")
-    _add_eval(p, "bible")
+    add_eval(p, "bible")
     p.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity of the dense model")
     p.add_argument("--output", "-o", default=None, metavar="DIR", help="where to save the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    _add_common(p)
+    add_common(p)
 
     p = sub.add_parser("eval", help="perplexity of a model (paper protocol)")
     p.add_argument("model", help="hub id, local HF folder (e.g. a pruned output), .gguf file, or smollm2-135m")
     p.add_argument("--seqlen", type=int, default=512)
-    _add_eval(p, "bible")
-    _add_common(p)
+    add_eval(p, "bible")
+    add_common(p)
+
+    for name, module in _EXTRA_COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a command whose optional module is not installed
+            if not exc.name or not module.startswith(exc.name):
+                raise
+            continue
+        mod.add_parser(sub, name)
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
+def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     import transformers
 
@@ -244,9 +263,10 @@ def cmd_eval(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    setup_logging(args.quiet)
     try:
-        result = {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+        commands = {"prune": cmd_prune, "eval": cmd_eval}
+        result = commands[args.command](args) if args.command in commands else args.run(args)
     except SecateursError as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return 2
