@@ -34,6 +34,11 @@ class Recipe:
     allocation: str = "uniform"  # per-layer sparsity: "uniform", "owl", or a JSON file layer -> sparsity
     owl_m: float = 5.0  # OWL: a score is an outlier above owl_m x the layer's mean score
     owl_lambda: float = 0.08  # OWL: layer sparsities span target +- owl_lambda
+    refine: str | None = None  # training-free refinement after the method's mask: None or "dsnot"
+    dsnot_cycles: int = 50  # DSnoT: at most this many prune-and-grow swaps per row
+    dsnot_threshold: float = 0.1  # DSnoT: stop a row once |reconstruction error proxy| <= threshold
+    dsnot_power: float = 1.0  # DSnoT: regrowth criterion divides by var(x_j) ** power
+    dsnot_targets: list[str] = field(default_factory=list)  # globs of linears to refine; empty = all pruned
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -52,13 +57,22 @@ class Recipe:
             raise SecateursError(
                 f"unknown allocation {self.allocation!r}: use uniform, owl, or a .json file layer -> sparsity"
             )
+        if self.refine is not None:
+            self.refine = str(self.refine).lower()
+            if self.refine in ("", "none"):
+                self.refine = None
+            elif self.refine != "dsnot":
+                raise SecateursError(f"unknown refinement {self.refine!r}: use dsnot (or none)")
+        if self.dsnot_cycles < 0 or self.dsnot_threshold < 0 or self.dsnot_power < 0:
+            raise SecateursError("dsnot cycles, threshold and power must be non-negative")
+        self.dsnot_targets = list(self.dsnot_targets)
         if self.owl_m <= 0 or not 0 <= self.owl_lambda < 0.5:
             raise SecateursError(f"need owl_m > 0 and 0 <= owl_lambda < 0.5, got {self.owl_m}, {self.owl_lambda}")
 
     @property
     def needs_calibration(self) -> bool:
         """Magnitude pruning needs no data, unless OWL needs the dense activations."""
-        return self.method != "magnitude" or self.allocation == "owl"
+        return self.method != "magnitude" or self.allocation == "owl" or self.refine is not None
 
     @property
     def nm(self) -> NM | None:
@@ -67,6 +81,8 @@ class Recipe:
     @property
     def pattern_name(self) -> str:
         allocation = "" if self.allocation == "uniform" else f", {self.allocation} allocation"
+        if self.refine:
+            allocation += f", {self.refine}"
         return f"{self.pattern} (N:M){allocation}" if self.pattern else f"{self.sparsity:g} unstructured{allocation}"
 
     def excluded(self, name: str) -> bool:
