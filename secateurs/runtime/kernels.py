@@ -1,0 +1,280 @@
+"""A pruned weight kept compressed in memory (bitmask + packed values) and multiplied with directly on CPU.
+
+Format of a pruned weight ``W [out, in]`` (``y = x @ W.T``):
+
+- ``mask``: uint8 ``[out, ceil(in / 8)]``; bit ``j % 8`` (LSB first) of byte ``j // 8`` of row ``o`` is set iff
+  ``W[o, j]`` is stored. A weight is stored iff its bit pattern is non-zero, so ``-0.0`` survives and
+  :func:`unpack` gives back exactly what :func:`pack` was given.
+- ``values``: the stored weights in row-major order (float32 or bfloat16), followed here by zero padding so the
+  SIMD kernel may load a full vector past the last value.
+- ``row_offsets``: int64 ``[out + 1]``, where each row's values start (prefix sums of per-row popcounts).
+
+At 70% sparsity this is 0.3 * 4 + 1/8 = 1.325 bytes per fp32 weight instead of 4: decoding a token is bound by
+how many weight bytes are read, so fewer bytes is more tokens per second.
+
+:func:`spmm` runs the compiled kernel (``secateurs._sparse_kernel``: AVX-512, AVX2 or scalar, picked at run time)
+when it was built, and a pure-torch reference (dense reconstruction, then ``F.linear``) otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:  # the extension is optional: a machine without a compiler still installs and runs the torch path
+    from secateurs import _sparse_kernel as _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
+ISAS = ("avx512", "avx2", "scalar", "torch")
+DTYPES = (torch.float32, torch.bfloat16)
+PAD_VALUES = 64  # zero values after the last stored one: a 16-lane load (or two) never leaves the buffer
+ISA_ENV = "SECATEURS_KERNEL_ISA"
+
+_ISA_CODE = {"scalar": 0, "avx2": 1, "avx512": 2}
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class PackedWeight:
+    """A pruned ``[out, in]`` weight in the bitmask + packed-values format (see the module docstring)."""
+
+    shape: tuple[int, int]
+    mask: torch.Tensor
+    values: torch.Tensor
+    row_offsets: torch.Tensor
+    nnz: int
+    _args: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # everything the native call needs about this weight, computed once (the call is made ~200 times a token)
+        args = (
+            self.mask.data_ptr(),
+            self.values.data_ptr(),
+            _DTYPE_CODE.get(self.values.dtype, -1),
+            self.row_offsets.data_ptr(),
+            self.shape[0],
+            self.shape[1],
+        )
+        object.__setattr__(self, "_args", args)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def __repr__(self) -> str:
+        return f"PackedWeight(shape={self.shape}, dtype={self.dtype}, nnz={self.nnz}, density={self.density:.3f})"
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weights that are stored."""
+        numel = self.shape[0] * self.shape[1]
+        return self.nnz / numel if numel else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight data a multiplication reads: the stored values and the mask (not the padding)."""
+        return self.nnz * self.values.element_size() + self.mask.numel() + self.row_offsets.numel() * 8
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a torch.Tensor, not {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if weight.dtype not in DTYPES:
+        raise ValueError(f"weight dtype must be float32 or bfloat16, got {weight.dtype}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"weight must be on the CPU, got {weight.device}")
+
+
+def _stored_bits(weight: torch.Tensor) -> torch.Tensor:
+    """Bool [out, in]: True where the weight's bit pattern is non-zero (-0.0 counts as stored)."""
+    as_int = torch.int32 if weight.dtype == torch.float32 else torch.int16
+    return weight.contiguous().view(as_int) != 0
+
+
+def _with_padding(values: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(values.numel() + PAD_VALUES, dtype=values.dtype)
+    out[: values.numel()] = values
+    return out
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
+def pack(weight: torch.Tensor) -> PackedWeight:
+    """Compress a 2-D float32/bfloat16 CPU weight: keep the entries whose bit pattern is non-zero."""
+    _check_weight(weight)
+    out, cols = weight.shape
+    bits = _stored_bits(weight)
+    mask = torch.from_numpy(np.packbits(bits.numpy(), axis=1, bitorder="little").reshape(out, (cols + 7) // 8))
+    values = weight.contiguous()[bits]
+    offsets = _offsets(bits.sum(1))
+    return PackedWeight((out, cols), mask, _with_padding(values), offsets, values.numel())
+
+
+def from_parts(mask: torch.Tensor, values: torch.Tensor, shape) -> PackedWeight:
+    """Rebuild a packed weight from checkpoint parts: the mask and exactly the ``nnz`` stored values (no padding).
+
+    Checks that the parts agree with each other and with ``shape``; raises ``ValueError`` saying what is wrong.
+    """
+    try:
+        out, cols = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be two integers (out, in), got {shape!r}") from None
+    if out < 0 or cols < 0:
+        raise ValueError(f"shape must be non-negative, got {(out, cols)}")
+    if not isinstance(mask, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise ValueError("mask and values must be torch tensors")
+    nbytes = (cols + 7) // 8
+    if mask.dtype != torch.uint8:
+        raise ValueError(f"mask dtype must be uint8, got {mask.dtype}")
+    if tuple(mask.shape) != (out, nbytes):
+        raise ValueError(f"mask shape must be {(out, nbytes)} for weight shape {(out, cols)}, got {tuple(mask.shape)}")
+    if values.dtype not in DTYPES:
+        raise ValueError(f"values dtype must be float32 or bfloat16, got {values.dtype}")
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D, got shape {tuple(values.shape)}")
+    if mask.device.type != "cpu" or values.device.type != "cpu":
+        raise ValueError("mask and values must be on the CPU")
+    mask = mask.contiguous()
+    bits = np.unpackbits(mask.numpy(), axis=1, bitorder="little") if out else np.zeros((0, nbytes * 8), np.uint8)
+    if bits[:, cols:].any():
+        raise ValueError(f"mask has bits set past column {cols} (the last byte of a row must be zero-padded)")
+    counts = torch.from_numpy(bits.sum(1, dtype=np.int64))
+    nnz = int(counts.sum())
+    if values.numel() != nnz:
+        raise ValueError(f"mask marks {nnz} stored weights but values holds {values.numel()}")
+    return PackedWeight((out, cols), mask, _with_padding(values), _offsets(counts), nnz)
+
+
+def _dense_bits(p: PackedWeight) -> torch.Tensor:
+    out, cols = p.shape
+    if out == 0 or cols == 0:
+        return torch.zeros(out, cols, dtype=torch.bool)
+    bits = np.unpackbits(p.mask.numpy(), axis=1, count=cols, bitorder="little")
+    return torch.from_numpy(bits).view(torch.bool)
+
+
+def unpack(p: PackedWeight) -> torch.Tensor:
+    """The dense ``[out, in]`` weight, bit-identical to what was packed (pruned entries are +0.0)."""
+    dense = torch.zeros(p.shape, dtype=p.dtype)
+    dense.masked_scatter_(_dense_bits(p), p.values[: p.nnz])
+    return dense
+
+
+# ----------------------------------------------------------------------------------------- ISA and threads
+def native_available() -> bool:
+    """Whether the compiled kernel was built and imported."""
+    return _native is not None
+
+
+def supported_isas() -> list[str]:
+    """The paths this machine can run, best first (``torch`` always)."""
+    if _native is None:
+        return ["torch"]
+    features = _native.cpu_features()  # bit 0: AVX2+FMA, bit 1: AVX-512 F/BW/VL/DQ/VBMI2
+    return [name for name, bit in (("avx512", 2), ("avx2", 1)) if features & bit] + ["scalar", "torch"]
+
+
+def _checked_isa(name: str) -> str:
+    if name not in ISAS:
+        raise ValueError(f"unknown kernel ISA {name!r}: choose one of {', '.join(ISAS)}")
+    if name not in supported_isas():
+        why = "the native kernel is not built" if _native is None else "this CPU does not support it"
+        raise ValueError(f"kernel ISA {name!r} is not available: {why} (available: {', '.join(supported_isas())})")
+    return name
+
+
+_isa = supported_isas()[0]
+_threads: int | None = None
+
+
+def set_isa(name: str | None) -> None:
+    """Force the path :func:`spmm` takes (``avx512``, ``avx2``, ``scalar``, ``torch``); None = the best supported."""
+    global _isa
+    _isa = supported_isas()[0] if name is None else _checked_isa(name)
+
+
+def isa() -> str:
+    """The path :func:`spmm` uses now: ``avx512``, ``avx2``, ``scalar``, or ``torch`` (no native library)."""
+    return _isa
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads the native kernel splits rows over; None = ``torch.get_num_threads()`` at each call."""
+    global _threads
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"number of threads must be a positive integer or None, got {n!r}")
+    _threads = n
+
+
+def num_threads() -> int:
+    return _threads if _threads is not None else torch.get_num_threads()
+
+
+if os.environ.get(ISA_ENV):
+    try:
+        set_isa(os.environ[ISA_ENV])
+    except ValueError as exc:
+        raise ValueError(f"${ISA_ENV}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------- multiplication
+def _check_spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in DTYPES:
+        raise ValueError(f"x must be a float32 or bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x must be on the CPU, got {x.device}")
+    if x.dim() == 0 or x.shape[-1] != p.shape[1]:
+        raise ValueError(f"x's last dimension must be {p.shape[1]} (the weight's in-features), got {tuple(x.shape)}")
+    if bias is not None:
+        if bias.dtype not in DTYPES or bias.device.type != "cpu" or tuple(bias.shape) != (p.shape[0],):
+            raise ValueError(f"bias must be a CPU float32/bfloat16 tensor of shape ({p.shape[0]},)")
+
+
+def spmm_reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` through the dense weight, accumulated in fp32 (the torch fallback and the tests' truth)."""
+    weight = unpack(p).float()
+    y = F.linear(x.float(), weight, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W.T (+ bias)`` with the packed weight; x ``[..., in]`` float32/bfloat16, result in x's dtype.
+
+    Accumulates in fp32 whatever the dtypes of x and the values. CPU only.
+    """
+    _check_spmm(x, p, bias)
+    if _isa == "torch":
+        return spmm_reference(x, p, bias)
+    cols = p.shape[1]
+    if x.numel() == 0 or cols == 0 or p.shape[0] == 0:  # nothing to multiply: no native call
+        return spmm_reference(x, p, bias)
+    x2 = x.reshape(-1, cols)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < cols):
+        x2 = x2.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    y = torch.empty(x2.shape[0], p.shape[0], dtype=x.dtype)
+    _native.spmm(
+        *p._args,
+        x2.data_ptr(),
+        x2.stride(0) if x2.shape[0] > 1 else cols,
+        x2.shape[0],
+        _DTYPE_CODE[x.dtype],
+        0 if bias is None else bias.data_ptr(),
+        -1 if bias is None else _DTYPE_CODE[bias.dtype],
+        y.data_ptr(),
+        _ISA_CODE[_isa],
+        num_threads(),
+    )
+    return y.view(*x.shape[:-1], p.shape[0])
