@@ -17,6 +17,7 @@ from secateurs.evaluate import PerplexityResult, perplexity, wants_bos
 from secateurs.evaluate.perplexity import eval_windows
 from secateurs.models import check_seqlen, default_device, find_layers, weight_view
 from secateurs.recipe import Calibration, Recipe
+from secateurs.refine import DSnoTOptions
 from secateurs.report import PeakMemory, PruneReport
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,17 @@ def _check_pattern(model: nn.Module, recipe: Recipe) -> None:
                     f"N:M pattern {nm} needs input widths divisible by {nm.m}, but {full} has {cols}; "
                     f"exclude it (exclude=['{full}'] / --exclude) to leave it dense"
                 )
+
+
+def _refine_options(recipe: Recipe) -> DSnoTOptions | None:
+    if recipe.refine != "dsnot":
+        return None
+    return DSnoTOptions(
+        cycles=recipe.dsnot_cycles,
+        threshold=recipe.dsnot_threshold,
+        power=recipe.dsnot_power,
+        targets=tuple(recipe.dsnot_targets),
+    )
 
 
 def prune(
@@ -116,6 +128,7 @@ def prune(
             blocksize=recipe.blocksize,
             percdamp=recipe.percdamp,
             track_error=track_error,
+            refine=_refine_options(recipe),
             progress=progress,
         )
     model.train(was_training)

@@ -114,6 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (default 5)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL sparsity half-range lambda (default 0.08)")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping (fraction of mean diag H)")
+    p.add_argument(
+        "--refine",
+        default="none",
+        choices=["none", "dsnot"],
+        help="training-free refinement of each mask: dsnot (prune-and-grow that lowers each row's error)",
+    )
+    p.add_argument("--dsnot-cycles", type=int, default=50, help="DSnoT: at most this many swaps per row (default 50)")
+    p.add_argument(
+        "--dsnot-threshold", type=float, default=0.1, help="DSnoT: a row stops once |error| <= this (default 0.1)"
+    )
+    p.add_argument(
+        "--dsnot-power", type=float, default=1.0, help="DSnoT: regrowth ranks by contribution / var**power (default 1)"
+    )
+    p.add_argument(
+        "--dsnot-target",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="refine only linears whose name matches (repeatable; default all pruned linears), e.g. '*.self_attn.*'",
+    )
     add_eval(p, "bible")
     p.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity of the dense model")
     p.add_argument("--output", "-o", default=None, metavar="DIR", help="where to save the pruned model")
@@ -184,6 +204,11 @@ def cmd_prune(args) -> dict:
         allocation=args.allocation,
         owl_m=args.owl_m,
         owl_lambda=args.owl_lambda,
+        refine=args.refine,
+        dsnot_cycles=args.dsnot_cycles,
+        dsnot_threshold=args.dsnot_threshold,
+        dsnot_power=args.dsnot_power,
+        dsnot_targets=args.dsnot_target,
     )
     calibration = Calibration(args.calibration, args.nsamples, args.seqlen, args.seed)
     device = default_device(args.device)

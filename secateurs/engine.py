@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from secateurs.methods import magnitude_mask, sparsegpt_prune, wanda_mask
 from secateurs.models import find_layers, find_linears, weight_view
 from secateurs.patterns import NM
+from secateurs.refine import DSnoTOptions, dsnot, refined_weight
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,29 @@ log = logging.getLogger(__name__)
 class InputStats:
     """Sums over calibration tokens of one linear's inputs: reducible across batches and processes."""
 
-    nsamples: int = 0
+    nsamples: int = 0  # calibration windows
+    ntokens: int = 0  # calibration tokens
     sq_norm: torch.Tensor | None = None  # sum x_j^2, [cols]
     H_sum: torch.Tensor | None = None  # sum x x^T, [cols, cols] (SparseGPT only)
+    x_sum: torch.Tensor | None = None  # sum x_j, [cols] (DSnoT only)
 
-    def add(self, x: torch.Tensor, want_hessian: bool) -> None:
+    def add(self, x: torch.Tensor, want_hessian: bool, want_mean: bool = False) -> None:
         self.nsamples += x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, x.shape[-1]).float()
+        self.ntokens += x.shape[0]
         sq = (x * x).sum(0)
         self.sq_norm = sq if self.sq_norm is None else self.sq_norm + sq
         if want_hessian:
             xtx = x.t() @ x
             self.H_sum = xtx if self.H_sum is None else self.H_sum + xtx
+        if want_mean:
+            s = x.sum(0)
+            self.x_sum = s if self.x_sum is None else self.x_sum + s
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean and (population) variance over all tokens."""
+        mean = self.x_sum / self.ntokens
+        return mean, (self.sq_norm / self.ntokens - mean * mean).clamp_min(0)
 
 
 class _StatsCollector:
@@ -53,8 +65,8 @@ class _StatsCollector:
     so their memory cannot be reused by another tensor and mistaken for the same input.
     """
 
-    def __init__(self, stats: dict[str, InputStats], want_hessian: bool):
-        self.stats, self.want_hessian = stats, want_hessian
+    def __init__(self, stats: dict[str, InputStats], want_hessian: bool, want_mean: bool = False):
+        self.stats, self.want_hessian, self.want_mean = stats, want_hessian, want_mean
         self.seen: dict[tuple, tuple[torch.Tensor, InputStats]] = {}
 
     def hook(self, name: str):
@@ -64,7 +76,7 @@ class _StatsCollector:
             if key in self.seen:
                 self.stats[name] = self.seen[key][1]
                 return
-            self.stats[name].add(x, self.want_hessian)
+            self.stats[name].add(x, self.want_hessian, self.want_mean)
             self.seen[key] = (x, self.stats[name])
 
         return accumulate
@@ -122,6 +134,26 @@ def prune_linear(
         raise ValueError(f"unknown method {method!r}")
     W[mask] = 0
     return mask, info
+
+
+def _refine(W, W_dense, mask, stats: InputStats, nm: NM | None, options: DSnoTOptions):
+    """DSnoT on one pruned linear, in place; returns the refined mask and a summary."""
+    mean, var = stats.mean_var()
+    result = dsnot(
+        W_dense,
+        W,
+        mask,
+        mean,
+        var,
+        stats.sq_norm,
+        nm=nm,
+        cycles=options.cycles,
+        threshold=options.threshold,
+        power=options.power,
+        scale=stats.ntokens / stats.nsamples,
+    )
+    W.copy_(refined_weight(W_dense, W, mask, result).to(W.dtype))
+    return result.mask, result.summary()
 
 
 @dataclass
@@ -226,10 +258,10 @@ def prunable_linears(layer: nn.Module, prefix: str, skip: Callable[[str], bool])
     return {n: m for n, m in find_linears(layer).items() if not skip(f"{prefix}.{n}")}
 
 
-def _run_collecting(layer, linears, hidden, calls, want_hessian: bool, keep_outputs: bool):
+def _run_collecting(layer, linears, hidden, calls, want_hessian: bool, keep_outputs: bool, want_mean: bool = False):
     """Run every window through ``layer`` with hooks summing each linear's input statistics."""
     stats = {n: InputStats() for n in linears}
-    collector = _StatsCollector(stats, want_hessian)
+    collector = _StatsCollector(stats, want_hessian, want_mean)
     hooks = [m.register_forward_hook(collector.hook(n)) for n, m in linears.items()]
     outputs = []
     try:
@@ -286,18 +318,19 @@ def walk(
     blocksize: int = 128,
     percdamp: float = 0.01,
     track_error: bool = True,
+    refine: DSnoTOptions | None = None,
     progress: bool = True,
 ) -> list[LayerResult]:
     """Prune every decoder layer in order.
 
     ``layer_sparsity[i]`` is layer i's unstructured target; with N:M, ``nm`` is one pattern for every layer or
-    one per layer (then the sparsities are ignored).
+    one per layer (then the sparsities are ignored). ``refine`` applies DSnoT to each selected linear's mask.
     """
     layers_name, layers = find_layers(model)
     layer_nm = nm if isinstance(nm, list) else [nm] * len(layers)
     if len(layer_sparsity) != len(layers) or len(layer_nm) != len(layers):
         raise ValueError(f"{len(layer_sparsity)} layer sparsities, {len(layer_nm)} patterns for {len(layers)} layers")
-    needs_data = method != "magnitude"
+    needs_data = method != "magnitude" or refine is not None
     if needs_data:
         hidden, calls = capture(model, calibration, device, progress)
     results = []
@@ -311,17 +344,23 @@ def walk(
         stats: dict[str, InputStats] = {}
         dense_out = []
         if needs_data:
-            stats, dense_out = _run_collecting(layer, linears, hidden, calls[index], method == "sparsegpt", track_error)
+            stats, dense_out = _run_collecting(
+                layer, linears, hidden, calls[index], method == "sparsegpt", track_error, want_mean=refine is not None
+            )
         linear_results = []
         nm = layer_nm[index]
         for name, module in linears.items():
-            mask, info = prune_linear(
-                module, method, layer_sparsity[index], nm, stats.pop(name, None), blocksize, percdamp
-            )
+            full = f"{layers_name}.{index}.{name}"
+            refining = refine is not None and refine.applies(full)
             W = weight_view(module)
+            W_dense = W.detach().clone() if refining else None
+            linear_stats = stats.pop(name, None)
+            mask, info = prune_linear(module, method, layer_sparsity[index], nm, linear_stats, blocksize, percdamp)
+            if refining:
+                mask, info["dsnot"] = _refine(W, W_dense, mask, linear_stats, nm, refine)
             linear_results.append(
                 LinearResult(
-                    name=f"{layers_name}.{index}.{name}",
+                    name=full,
                     shape=tuple(W.shape),
                     sparsity_target=nm.sparsity if nm else layer_sparsity[index],
                     pruned=int(mask.sum().item()),

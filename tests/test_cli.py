@@ -683,3 +683,44 @@ def test_missing_allocation_file_fails_before_loading(tiny_model_dir, tmp_path):
         "prune", tiny_model_dir, "--allocation", tmp_path / "nope.json", "--output", tmp_path / "out"
     )
     assert "allocation file not found" in assert_one_error(code, stdout, stderr)
+
+
+def test_prune_with_dsnot(tiny_model_dir, text_file):
+    code, stdout, stderr = run_main(
+        "prune",
+        tiny_model_dir,
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.7",
+        "--refine",
+        "dsnot",
+        "--dsnot-cycles",
+        "10",
+        "--dsnot-threshold",
+        "0",
+        "--dsnot-target",
+        "*.mlp.*",
+        "--calibration",
+        text_file,
+        "--eval",
+        "none",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--json",
+        "--quiet",
+    )
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["recipe"]["refine"] == "dsnot" and report["recipe"]["dsnot_cycles"] == 10
+    assert report["calibration"] is not None  # magnitude + DSnoT needs the activations
+    refined = [lin for layer in report["layers"] for lin in layer["linears"] if "dsnot" in lin["info"]]
+    assert refined and all(".mlp." in lin["name"] for lin in refined)
+    assert all(lin["info"]["dsnot"]["swaps"] <= 10 * lin["shape"][0] for lin in refined)
+
+
+def test_bad_refine_is_rejected(tiny_model_dir):
+    code, stdout, stderr = run_main("prune", tiny_model_dir, "--refine", "sparse-grow")
+    assert code == 2 and "invalid choice" in stderr
