@@ -6,6 +6,8 @@ from secateurs.models import find_layers, find_linears, load_model
 from secateurs.patterns import NM, parse_nm
 from secateurs.recipe import Calibration, Recipe
 from secateurs.report import PruneReport
+from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify
+from secateurs.sparse_format import compress, load_pruned, save_sparse
 
 __all__ = [
     "NM",
@@ -13,11 +15,17 @@ __all__ = [
     "PruneReport",
     "Recipe",
     "SecateursError",
+    "SparseLinear",
+    "compress",
     "evaluate",
     "find_layers",
     "find_linears",
     "load_model",
+    "load_pruned",
+    "load_sparse",
     "parse_nm",
     "prune",
+    "save_sparse",
+    "sparsify",
 ]
 __version__ = "0.1.0"

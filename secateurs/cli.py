@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity of the dense model")
     p.add_argument("--output", "-o", default=None, metavar="DIR", help="where to save the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--save-format",
+        choices=["hf", "sparse"],
+        default="hf",
+        help="hf: a plain Hugging Face folder; sparse: pruned linears as a 1-bit mask plus their non-zero values "
+        "(load with secateurs.load_sparse or load_pruned)",
+    )
     add_common(p)
 
     p = sub.add_parser("eval", help="perplexity of a model (paper protocol)")
@@ -259,7 +266,7 @@ def cmd_prune(args) -> dict:
     }
     if output:
         model.to(torch.device("cpu"))
-        save_pruned(model, tokenizer, output, out, overwrite=args.overwrite)
+        save_pruned(model, tokenizer, output, out, overwrite=args.overwrite, save_format=args.save_format)
         log.info("saved to %s", output)
     if dense and pruned:
         log.info(

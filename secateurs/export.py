@@ -66,8 +66,20 @@ class AtomicFolder:
         return False
 
 
-def save_pruned(model, tokenizer, folder: str | Path, report: dict | None = None, overwrite: bool = False) -> Path:
-    """Save model (safetensors), tokenizer and report into ``folder`` atomically."""
+def save_pruned(
+    model, tokenizer, folder: str | Path, report: dict | None = None, overwrite: bool = False, save_format: str = "hf"
+) -> Path:
+    """Save model (safetensors), tokenizer and report into ``folder`` atomically.
+
+    ``save_format="sparse"`` writes the compact sparse checkpoint of :mod:`secateurs.sparse_format` instead.
+    """
+    if save_format == "sparse":
+        from secateurs.sparse_format import save_sparse
+
+        save_sparse(model, tokenizer, folder, report, overwrite=overwrite)
+        return Path(folder)
+    if save_format != "hf":
+        raise SecateursError(f"unknown save format {save_format!r}: use hf or sparse")
     try:
         with AtomicFolder(folder, overwrite) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)

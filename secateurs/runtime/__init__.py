@@ -11,8 +11,7 @@ from secateurs.runtime.kernels import (
     spmm,
     unpack,
 )
-
-# SparseLinear, sparsify, load_sparse (secateurs/runtime/linear.py) are re-exported here once that module exists.
+from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify  # noqa: F401 (public names)
 
 __all__ = [
     "PackedWeight",

@@ -1,0 +1,160 @@
+"""Sparse linears for inference: the pruned weights stay packed in memory and the kernel multiplies with them.
+
+``sparsify(model)`` swaps the decoder linears of a loaded pruned model for :class:`SparseLinear` in place;
+``load_sparse(folder)`` builds the model straight from a sparse checkpoint (never holding the dense weights) or
+from a pruned Hugging Face folder. Either way ``model.generate`` works as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from secateurs.errors import SecateursError
+from secateurs.runtime import kernels
+
+log = logging.getLogger(__name__)
+
+# Below this sparsity a linear stays dense at run time: the bitmask kernel reads fewer bytes than a dense
+# matmul only when enough weights are gone, and dense BLAS is hard to beat at low sparsity.
+DEFAULT_MIN_SPARSITY = 0.3
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W [out, in]`` held as a :class:`~secateurs.runtime.kernels.PackedWeight`.
+
+    Inference only (no gradients). ``transposed`` records that the layer it replaced was a GPT-2 style Conv1D
+    (weight stored [in, out]), so the model can be saved again in the same layout.
+    """
+
+    def __init__(self, packed: kernels.PackedWeight, bias: torch.Tensor | None = None, transposed: bool = False):
+        super().__init__()
+        self.packed = packed
+        self.out_features, self.in_features = packed.shape
+        self.transposed = transposed
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} does not match {self.out_features} outputs")
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_dense(cls, module: nn.Module) -> SparseLinear:
+        """Pack an nn.Linear (or Conv1D) as it is; the weight must be float32 or bfloat16 on the CPU."""
+        from secateurs.models import weight_view
+
+        W = weight_view(module).detach()
+        bias = None if module.bias is None else module.bias.detach()
+        return cls(kernels.pack(W.contiguous()), bias, transposed=not isinstance(module, nn.Linear))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.spmm(x, self.packed, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as the replaced layer held it (bit-identical): [out, in], or [in, out] for a Conv1D."""
+        W = kernels.unpack(self.packed)
+        return W.t().contiguous() if self.transposed else W
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layer keeps in memory for its weight (mask, values with padding, row offsets)."""
+        p = self.packed
+        return p.mask.numel() + p.values.numel() * p.values.element_size() + p.row_offsets.numel() * 8
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"dtype={str(p.dtype).removeprefix('torch.')}, density={p.density:.3f}"
+        )
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner), attr, module)
+
+
+def _threshold(min_sparsity: float | None) -> float:
+    value = DEFAULT_MIN_SPARSITY if min_sparsity is None else float(min_sparsity)
+    if not 0 <= value <= 1:
+        raise SecateursError(f"min_sparsity must be in [0, 1], got {value}")
+    return value
+
+
+def sparsify(
+    model: nn.Module, min_sparsity: float | None = None, threads: int | None = None, progress: bool = False
+) -> dict:
+    """Replace, in place, every decoder linear at least ``min_sparsity`` sparse by a :class:`SparseLinear`.
+
+    Returns a summary: how many linears were converted or left dense, and the bytes of their weights before and
+    after. The model must be on the CPU in float32 or bfloat16 (linears in other dtypes stay dense).
+    """
+    from tqdm.auto import tqdm
+
+    from secateurs.models import weight_view
+    from secateurs.sparse_format import PACKABLE_DTYPES, decoder_linears, stored_count
+
+    threshold = _threshold(min_sparsity)
+    if threads is not None:
+        kernels.set_num_threads(threads)
+    summary = {"converted": 0, "dense": [], "dense_bytes": 0, "sparse_bytes": 0}
+    for name, module in tqdm(decoder_linears(model).items(), desc="sparsify", disable=not progress, leave=False):
+        W = weight_view(module)
+        sparsity = 1 - stored_count(W) / max(W.numel(), 1)
+        packable = str(W.dtype).removeprefix("torch.") in PACKABLE_DTYPES and W.device.type == "cpu"
+        if not packable or sparsity < threshold:
+            summary["dense"].append(name)
+            continue
+        sparse = SparseLinear.from_dense(module)
+        summary["converted"] += 1
+        summary["dense_bytes"] += W.numel() * W.element_size()
+        summary["sparse_bytes"] += sparse.nbytes
+        _replace(model, name, sparse)
+    log.info(
+        "sparse linears: %d (%.1f MB -> %.1f MB of weights), %d left dense",
+        summary["converted"],
+        summary["dense_bytes"] / 1e6,
+        summary["sparse_bytes"] / 1e6,
+        len(summary["dense"]),
+    )
+    return summary
+
+
+def load_sparse(
+    folder: str | Path,
+    threads: int | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    min_sparsity: float | None = None,
+):
+    """(model, tokenizer) ready for ``model.generate``, with the sparse linears running on the sparse kernel.
+
+    ``folder`` is a sparse checkpoint (``secateurs compress`` / ``prune --save-format sparse``: the dense weights
+    of packed linears are never allocated) or a pruned Hugging Face folder (loaded, then :func:`sparsify`).
+    Packed linears less than ``min_sparsity`` sparse are unpacked to dense ones. ``threads``: the kernel's threads
+    (default: torch's). ``dtype`` converts the model (e.g. bfloat16) instead of keeping the stored dtype.
+    """
+    from secateurs import sparse_format
+    from secateurs.models import load_model
+
+    threshold = _threshold(min_sparsity)
+    if threads is not None:
+        kernels.set_num_threads(threads)
+    if not sparse_format.is_sparse_folder(folder):
+        model, tokenizer, _ = load_model(str(folder), dtype or "auto")
+        sparsify(model, threshold)
+        return model, tokenizer
+    model, packed, tokenizer = sparse_format.read_sparse(folder, dtype)
+    converted = 0
+    for name, (p, transposed) in packed.items():
+        module = model.get_submodule(name)
+        if 1 - p.density < threshold:
+            W = kernels.unpack(p)
+            module.weight = nn.Parameter(W.t().contiguous() if transposed else W)
+            continue
+        bias = getattr(module, "bias", None)
+        _replace(model, name, SparseLinear(p, bias, transposed))
+        converted += 1
+    log.info("loaded %s: %d sparse linears, %d packed ones unpacked", folder, converted, len(packed) - converted)
+    return sparse_format.check_loaded(model), tokenizer
