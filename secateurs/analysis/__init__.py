@@ -1,0 +1,9 @@
+"""Read pruning results back and show them: tables, the essential-sparsity knee, plots, a static HTML page.
+
+``summary`` holds the pure table logic, ``plots`` draws PNG figures with matplotlib (no pyplot state),
+``html`` assembles one self-contained page, ``cli`` is ``secateurs report DIR``.
+"""
+
+from secateurs.analysis.summary import Knee, Results, essential_sparsity
+
+__all__ = ["Knee", "Results", "essential_sparsity"]

@@ -1,0 +1,201 @@
+"""The figures of a results page, drawn with matplotlib's object API (no pyplot, no global backend) as PNG bytes.
+
+One visual language in every figure: colour = method, line style = allocation (solid uniform, dashed OWL,
+dotted a file), marker = refinement (circle none, triangle DSnoT). Each function returns None when the
+results hold nothing to draw.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from secateurs.analysis.summary import DEFAULT_TOLERANCE, Results, allocation_label, series_label, target_label
+
+METHOD_COLORS = {"magnitude": "#7f7f7f", "wanda": "#1f77b4", "sparsegpt": "#d62728"}
+EXTRA_COLORS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+ALLOCATION_STYLES = {"uniform": "-", "owl": "--"}
+REFINE_MARKERS = {"none": "o", "dsnot": "^"}
+DPI = 100
+
+
+def series_style(recipe: dict) -> dict:
+    """Matplotlib keyword arguments for a series (method, allocation, refinement) of ``recipe``."""
+    method = recipe["method"]
+    color = METHOD_COLORS.get(method) or EXTRA_COLORS[sum(map(ord, method)) % len(EXTRA_COLORS)]
+    allocation = recipe.get("allocation", "uniform")
+    return {
+        "color": color,
+        "linestyle": ALLOCATION_STYLES.get(allocation, ":"),
+        "marker": REFINE_MARKERS.get(recipe.get("refine") or "none", "s"),
+    }
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
+    return buf.getvalue()
+
+
+def _series_recipes(results: Results) -> dict[str, dict]:
+    out = {}
+    for cell in results.cells:
+        out.setdefault(series_label(cell["recipe"]), cell["recipe"])
+    return out
+
+
+def perplexity_plot(results: Results, tolerance: float = DEFAULT_TOLERANCE) -> bytes | None:
+    """Perplexity (log) vs target sparsity per series, from the dense model at 0; knees starred; N:M as diamonds."""
+    dense = results.dense
+    rows = [r for r in results.rows() if r["perplexity"] is not None and math.isfinite(r["perplexity"])]
+    if not dense or not rows:
+        return None
+    recipes = _series_recipes(results)
+    knees = results.knees(tolerance)
+    fig = Figure(figsize=(10, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_yscale("log")
+    ax.axhline(dense, color="black", linewidth=1.2, linestyle=":", label=f"dense model ({dense:.4g})")
+    threshold = (1 + tolerance) * dense
+    ax.axhspan(dense, threshold, color="#2ca02c", alpha=0.08, linewidth=0)
+    ax.axhline(threshold, color="#2ca02c", linewidth=0.9, linestyle="--", label=f"knee limit: dense + {tolerance:.0%}")
+    for name, points in results.curves().items():
+        style = series_style(recipes[name])
+        xs, ys = zip(*[(0.0, dense), *[(s, p) for s, p in points if math.isfinite(p)]], strict=True)
+        knee = knees[name]
+        label = f"{name}: essential sparsity {knee.label()}"
+        ax.plot(xs, ys, label=label, linewidth=2, markersize=6, **style)
+        if not knee.beyond:
+            ax.plot(knee.sparsity, threshold, marker="*", markersize=16, color=style["color"], markeredgecolor="black")
+            ax.axvline(knee.sparsity, color=style["color"], linewidth=0.8, alpha=0.5)
+    nm_rows = [r for r in rows if r["pattern"]]
+    for i, row in enumerate(nm_rows):
+        cell = next(c for c in results.cells if c["key"] == row["key"])
+        style = series_style(cell["recipe"])
+        ax.plot(
+            row["sparsity_target"],
+            row["perplexity"],
+            marker="D",
+            markersize=8,
+            color=style["color"],
+            markeredgecolor="black",
+            linestyle="none",
+        )
+        ax.annotate(
+            f"{row['target']} {row['series']}",
+            (row["sparsity_target"], row["perplexity"]),
+            xytext=(8, -4 + 9 * (i % 3)),
+            textcoords="offset points",
+            fontsize=8,
+            color=style["color"],
+        )
+    if nm_rows:
+        ax.plot([], [], marker="D", color="#555", linestyle="none", label="N:M pattern (at its sparsity)")
+    ax.set_xlabel("target sparsity (fraction of weights zeroed in every pruned linear)")
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlim(left=-0.01)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", axis="y", alpha=0.1)
+    ax.legend(loc="upper left", fontsize=9, framealpha=0.9)
+    return _png(fig)
+
+
+def allocation_plot(results: Results) -> bytes | None:
+    """Per decoder layer: the dense outlier ratio (bars) and the sparsity each allocation gave it (lines)."""
+    schedules: dict[str, tuple[dict, list[float], list[float]]] = {}
+    for cell in results.cells:
+        recipe, layers = cell["recipe"], cell["report"]["layers"]
+        allocation = recipe.get("allocation", "uniform")
+        name = f"{target_label(recipe)}, {allocation_label(allocation)}"
+        achieved = [_layer_sparsity(layer) for layer in layers]
+        schedules.setdefault(name, (recipe, [layer["sparsity_target"] for layer in layers], achieved))
+    ratios = results.outlier_ratios
+    if not schedules and not ratios:
+        return None
+    panels = (1 if ratios else 0) + (1 if schedules else 0)
+    fig = Figure(figsize=(10, 2.9 * panels + 0.4), layout="constrained")
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    if ratios:
+        ax = axes[0]
+        ax.bar(range(len(ratios)), ratios, color="#ff7f0e", alpha=0.8)
+        m = results.settings.get("owl_m")
+        ax.set_ylabel(f"outlier ratio\n(scores > {m:g} x mean)" if m else "outlier ratio")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+        ax.set_title("outlier ratio D_l of each layer (dense model, calibration text)", fontsize=10, loc="left")
+        ax.grid(True, axis="y", alpha=0.3)
+    if schedules:
+        ax = axes[-1]
+        targets = sorted({recipe["sparsity"] for recipe, _, _ in schedules.values()})
+        for name, (recipe, layer_targets, achieved) in sorted(schedules.items(), key=lambda kv: kv[1][0]["sparsity"]):
+            shade = targets.index(recipe["sparsity"]) / max(len(targets) - 1, 1)
+            color = colormaps["viridis"](0.1 + 0.75 * shade)
+            style = ALLOCATION_STYLES.get(recipe.get("allocation", "uniform"), ":")
+            ax.plot(range(len(layer_targets)), layer_targets, color=color, linestyle=style, linewidth=1.8, label=name)
+            if results.kind == "folder":
+                ax.plot(range(len(achieved)), achieved, "o", color=color, markersize=4, label="achieved")
+        ax.set_ylabel("layer sparsity")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.set_title("sparsity given to each layer (solid: uniform, dashed: OWL)", fontsize=10, loc="left")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, ncol=min(4, len(schedules) + (results.kind == "folder")), loc="best", framealpha=0.9)
+    axes[-1].set_xlabel("decoder layer")
+    _layer_ticks(axes[-1], len(ratios) if ratios else len(next(iter(schedules.values()))[1]))
+    return _png(fig)
+
+
+def error_plot(results: Results) -> bytes | None:
+    """Per-layer relative output reconstruction error (log), one panel per target, one line per series."""
+    by_target: dict[str, list[dict]] = {}
+    for row in results.rows():
+        cell = next(c for c in results.cells if c["key"] == row["key"])
+        if any(layer.get("output_error") is not None for layer in cell["report"]["layers"]):
+            by_target.setdefault(row["target"], []).append(cell)
+    if not by_target:
+        return None
+    n = len(by_target)
+    cols = min(3, n)
+    rows_n = math.ceil(n / cols)
+    fig = Figure(figsize=(10, 2.9 * rows_n + 0.8), layout="constrained")
+    axes = fig.subplots(rows_n, cols, sharex=True, sharey=True, squeeze=False)
+    handles = {}
+    for ax, (target, cells) in zip(axes.flat, by_target.items(), strict=False):
+        for cell in cells:
+            layers = [layer for layer in cell["report"]["layers"] if layer.get("output_error") is not None]
+            style = series_style(cell["recipe"])
+            (line,) = ax.plot(
+                [layer["index"] for layer in layers],
+                [max(layer["output_error"], 1e-12) for layer in layers],
+                linewidth=1.5,
+                markersize=3.5,
+                **style,
+            )
+            handles.setdefault(series_label(cell["recipe"]), line)
+        ax.set_yscale("log")
+        ax.set_title(f"target {target}" if ":" in target else f"target sparsity {float(target):.0%}", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("relative output error")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("decoder layer")
+    fig.legend(
+        list(handles.values()), list(handles.keys()), loc="outside lower center", ncol=min(len(handles), 5), fontsize=9
+    )
+    return _png(fig)
+
+
+def _layer_sparsity(layer: dict) -> float:
+    numel = sum(lin["numel"] for lin in layer["linears"])
+    return sum(lin["zeros"] for lin in layer["linears"]) / numel if numel else 0.0
+
+
+def _layer_ticks(ax, count: int) -> None:
+    step = max(1, math.ceil(count / 30))
+    ax.set_xticks(range(0, count, step))
+    ax.set_xlim(-0.6, count - 0.4)
