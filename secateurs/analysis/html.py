@@ -116,7 +116,7 @@ def _findings(results: Results, tolerance: float) -> str:
     items = []
     if results.dense:
         items.append(f"Dense model perplexity: <b>{fmt_ppl(results.dense)}</b>.")
-    knees = results.knees(tolerance)
+    knees = results.knees(tolerance) if results.kind == "sweep" else {}
     if knees:
         ranked = sorted(knees.items(), key=lambda kv: -kv[1].sparsity)
         text = ", ".join(f"{_e(name)} <b>{knee.label()}</b>" for name, knee in ranked)
@@ -171,10 +171,13 @@ PPL_CAPTION = (
     "Up to there pruning is almost free; beyond it the curve bends up towards the cliff. "
     "Colour = method, dashed = OWL allocation, triangles = DSnoT refinement; diamonds are N:M patterns."
 )
-ALLOCATION_CAPTION = (
+OUTLIER_CAPTION = (
     "Top: each decoder layer's outlier ratio in the dense model (the share of its Wanda scores |W|·‖X‖ above "
-    "M times their mean, OWL's D_l). Bottom: the sparsity each layer was given. Uniform allocation is a flat line "
-    "at the target; OWL (dashed) prunes outlier-rich layers less and the others more, keeping the same mean."
+    "M times their mean, OWL's D_l). Bottom: "
+)
+ALLOCATION_CAPTION = (
+    "the sparsity each layer was given. Uniform allocation is a flat line at the target; OWL (dashed) prunes "
+    "outlier-rich layers less and the others more, keeping the same mean."
 )
 ERROR_CAPTION = (
     "Relative output reconstruction error of each decoder layer, ‖Y_pruned − Y_dense‖² / ‖Y_dense‖², measured on "
@@ -219,11 +222,13 @@ def render_page(results: Results, tolerance: float = DEFAULT_TOLERANCE) -> str:
         "× dense: perplexity ratio to the dense model; mean output error: mean over layers of the relative output "
         "reconstruction error (see below).</p></section>"
     )
+    if results.outlier_ratios:
+        alloc_caption = OUTLIER_CAPTION + ALLOCATION_CAPTION
+    else:
+        alloc_caption = "The sparsity each decoder layer was given (line) and reached (dots): " + ALLOCATION_CAPTION
     parts += [
         '<section id="layers"><h2>Per layer</h2>',
-        _figure(
-            plots.allocation_plot(results), "outlier ratio and sparsity per layer", ALLOCATION_CAPTION, "fig-alloc"
-        ),
+        _figure(plots.allocation_plot(results), "outlier ratio and sparsity per layer", alloc_caption, "fig-alloc"),
         _figure(plots.error_plot(results), "output reconstruction error per layer", ERROR_CAPTION, "fig-error"),
     ]
     if not sweep and results.cells:

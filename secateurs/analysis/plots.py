@@ -12,7 +12,7 @@ import math
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from secateurs.analysis.summary import DEFAULT_TOLERANCE, Results, allocation_label, series_label, target_label
 
@@ -176,6 +176,7 @@ def error_plot(results: Results) -> bytes | None:
             )
             handles.setdefault(series_label(cell["recipe"]), line)
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"target {target}" if ":" in target else f"target sparsity {float(target):.0%}", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
     for ax in axes.flat[n:]:
