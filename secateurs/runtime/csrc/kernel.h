@@ -1,0 +1,30 @@
+// The sparse matmul problem shared by the scalar, AVX2 and AVX-512 kernels.
+//
+// A pruned weight W [out, in] is a bitmask (bit j % 8 of byte j / 8 of a row is set iff W[o, j] is stored) and the
+// stored values in row-major order, padded so a full SIMD vector may be loaded past the last value. Each kernel
+// computes y[t, o] = sum_j W[o, j] * x[t, j] (+ bias[o]) in fp32 for the rows [r0, r1) and every token t.
+#pragma once
+
+#include <stdint.h>
+
+namespace secateurs {
+
+struct Problem {
+    const uint8_t* mask;         // [out, mask_stride]
+    int64_t mask_stride;         // ceil(in / 8)
+    const void* values;          // float32 or bfloat16 (values_bf16), padded
+    int values_bf16;
+    const int64_t* row_offsets;  // [out + 1]
+    int64_t out, in;
+    const float* x;              // [m, x_stride] fp32
+    int64_t x_stride, m;
+    const float* bias;           // [out] fp32 or null
+    float* y;                    // [m, y_stride] fp32
+    int64_t y_stride;
+};
+
+void rows_scalar(const Problem& p, int64_t r0, int64_t r1);
+void rows_avx2(const Problem& p, int64_t r0, int64_t r1);
+void rows_avx512(const Problem& p, int64_t r0, int64_t r1);
+
+}  // namespace secateurs

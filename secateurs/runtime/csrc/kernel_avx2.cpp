@@ -1,0 +1,147 @@
+// AVX2 + FMA kernel: 8 columns at a time. A 256-entry table turns the row's mask byte into a lane permutation
+// that moves the next packed values into place (vpermps); lanes whose bit is clear are zeroed. Compiled for
+// these instructions by the pragma below only, and called only when the CPU reports them.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#include <string.h>
+
+#include "kernel.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,bmi,bmi2,popcnt"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2,popcnt")
+#endif
+
+namespace secateurs {
+namespace {
+
+// kPermutation[byte]: nibble j = index among the packed values of lane j (popcount of the lower bits).
+struct PermutationTable {
+    uint32_t entry[256];
+    constexpr PermutationTable() : entry() {
+        for (int byte = 0; byte < 256; ++byte) {
+            uint32_t packed = 0;
+            int next = 0;
+            for (int lane = 0; lane < 8; ++lane) {
+                if (byte & (1 << lane)) packed |= static_cast<uint32_t>(next++) << (4 * lane);
+            }
+            entry[byte] = packed;
+        }
+    }
+};
+constexpr PermutationTable kPermutation;
+
+template <bool BF16>
+inline __m256 load8(const void* values, int64_t pos) {
+    if (BF16) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + pos));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    }
+    return _mm256_loadu_ps(static_cast<const float*>(values) + pos);
+}
+
+// The next popcount(byte) packed values, moved to the lanes whose mask bits are set (others zero), as fp32.
+template <bool BF16>
+inline __m256 expand8(const void* values, int64_t pos, uint32_t byte) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    // vpermps reads only the low 3 bits of each index: no need to mask the nibbles
+    const __m256i index = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kPermutation.entry[byte])), shifts);
+    const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit), lane_bit);
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(load8<BF16>(values, pos), index), _mm256_castsi256_ps(keep));
+}
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+template <int MB, int R, bool BF16>
+void block(const Problem& p, int64_t o, int64_t t0) {
+    __m256 acc[R * MB];
+    for (int i = 0; i < R * MB; ++i) acc[i] = _mm256_setzero_ps();
+    int64_t pos[R];
+    const uint8_t* mrow[R];
+    for (int r = 0; r < R; ++r) {
+        pos[r] = p.row_offsets[o + r];
+        mrow[r] = p.mask + (o + r) * p.mask_stride;
+    }
+    const float* x = p.x + t0 * p.x_stride;
+    const int64_t xs = p.x_stride;
+    const int64_t full = p.in >> 3;
+    for (int64_t c = 0; c < full; ++c) {
+        for (int r = 0; r < R; ++r) {
+            const uint32_t byte = mrow[r][c];
+            const __m256 w = expand8<BF16>(p.values, pos[r], byte);
+            pos[r] += __builtin_popcount(byte);
+            for (int t = 0; t < MB; ++t)
+                acc[r * MB + t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * xs + c * 8), acc[r * MB + t]);
+        }
+    }
+    const int rem = static_cast<int>(p.in & 7);
+    if (rem) {  // x read with a lane mask (vmaskmovps does not touch masked-off memory)
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i xmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lanes);
+        for (int r = 0; r < R; ++r) {
+            const __m256 w = expand8<BF16>(p.values, pos[r], mrow[r][full]);
+            for (int t = 0; t < MB; ++t)
+                acc[r * MB + t] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + t * xs + full * 8, xmask), acc[r * MB + t]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const float b = p.bias ? p.bias[o + r] : 0.0f;
+        for (int t = 0; t < MB; ++t) p.y[(t0 + t) * p.y_stride + o + r] = hsum(acc[r * MB + t]) + b;
+    }
+}
+
+// Blocks of 2 rows x 4 tokens: 8 accumulators, half of the 16 ymm registers.
+// Rows outer, tokens inner: a block of rows is read from memory once and stays in L1 for every token block.
+constexpr int kRows = 2;
+constexpr int kTokens = 4;
+
+template <int R, bool BF16>
+void tokens(const Problem& p, int64_t o) {
+    int64_t t0 = 0;
+    for (; t0 + kTokens <= p.m; t0 += kTokens) block<kTokens, R, BF16>(p, o, t0);
+    switch (p.m - t0) {
+        case 1: block<1, R, BF16>(p, o, t0); break;
+        case 2: block<2, R, BF16>(p, o, t0); break;
+        case 3: block<3, R, BF16>(p, o, t0); break;
+        default: break;
+    }
+}
+
+template <bool BF16>
+void all_rows(const Problem& p, int64_t r0, int64_t r1) {
+    int64_t o = r0;
+    for (; o + kRows <= r1; o += kRows) tokens<kRows, BF16>(p, o);
+    for (; o < r1; ++o) tokens<1, BF16>(p, o);
+}
+
+}  // namespace
+
+void rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
+    if (p.values_bf16)
+        all_rows<true>(p, r0, r1);
+    else
+        all_rows<false>(p, r0, r1);
+}
+
+}  // namespace secateurs
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64: never called (the dispatcher reports no AVX2)
+#include "kernel.h"
+namespace secateurs {
+void rows_avx2(const Problem&, int64_t, int64_t) {}
+}  // namespace secateurs
+#endif

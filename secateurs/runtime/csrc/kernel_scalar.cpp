@@ -1,0 +1,43 @@
+// Portable kernel: walks the set bits of each row's mask. Always built; the reference the SIMD paths must match.
+#include <string.h>
+
+#include "kernel.h"
+
+namespace secateurs {
+namespace {
+
+constexpr int kTokens = 8;  // tokens per block: one pass over a row's values feeds all of them
+
+inline float value_at(const Problem& p, int64_t i) {
+    if (!p.values_bf16) return static_cast<const float*>(p.values)[i];
+    uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p.values)[i]) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+}  // namespace
+
+void rows_scalar(const Problem& p, int64_t r0, int64_t r1) {
+    for (int64_t t0 = 0; t0 < p.m; t0 += kTokens) {
+        const int mb = static_cast<int>(p.m - t0 < kTokens ? p.m - t0 : kTokens);
+        for (int64_t o = r0; o < r1; ++o) {
+            float acc[kTokens] = {0};
+            const uint8_t* row = p.mask + o * p.mask_stride;
+            int64_t pos = p.row_offsets[o];
+            for (int64_t byte = 0; byte < p.mask_stride; ++byte) {
+                unsigned bits = row[byte];
+                while (bits) {
+                    const int64_t col = byte * 8 + __builtin_ctz(bits);
+                    bits &= bits - 1;
+                    const float w = value_at(p, pos++);
+                    for (int t = 0; t < mb; ++t) acc[t] += w * p.x[(t0 + t) * p.x_stride + col];
+                }
+            }
+            const float b = p.bias ? p.bias[o] : 0.0f;
+            for (int t = 0; t < mb; ++t) p.y[(t0 + t) * p.y_stride + o] = acc[t] + b;
+        }
+    }
+}
+
+}  // namespace secateurs

@@ -1,0 +1,377 @@
+// secateurs._sparse_kernel: the CPython entry point of the sparse matmul, its ISA dispatch and its thread pool.
+//
+// Arguments are plain integers (data pointers, sizes, dtype codes) so the extension needs no torch headers; the
+// Python side (secateurs/runtime/kernels.py) checks the tensors and keeps them alive during the call.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
+#include "kernel.h"
+
+namespace secateurs {
+namespace {
+
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr int kMaxThreads = 256;
+
+// ------------------------------------------------------------------------------------------- CPU features
+int cpu_features_bits() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    int bits = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) bits |= 1;
+    if ((bits & 1) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vbmi2"))
+        bits |= 2;
+    return bits;
+#else
+    return 0;
+#endif
+}
+
+const int kFeatures = cpu_features_bits();
+
+// ------------------------------------------------------------------------------------------- bf16 <-> fp32
+inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does; NaN -> the canonical quiet NaN
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// ------------------------------------------------------------------------------------------- one call
+struct Job {
+    Problem problem;
+    Isa isa;
+    uint16_t* y_bf16;  // final output when it is bfloat16 (problem.y is then fp32 scratch)
+    int64_t bounds[kMaxThreads + 1];
+};
+
+void run_part(const Job& job, int part) {
+    const int64_t r0 = job.bounds[part], r1 = job.bounds[part + 1];
+    if (r0 >= r1) return;
+    const Problem& p = job.problem;
+    switch (job.isa) {
+        case kAvx512: rows_avx512(p, r0, r1); break;
+        case kAvx2: rows_avx2(p, r0, r1); break;
+        default: rows_scalar(p, r0, r1); break;
+    }
+    if (job.y_bf16) {
+        for (int64_t t = 0; t < p.m; ++t)
+            for (int64_t o = r0; o < r1; ++o) job.y_bf16[t * p.out + o] = float_to_bf16(p.y[t * p.y_stride + o]);
+    }
+}
+
+// Split the rows into `parts` ranges of about equal cost (stored values plus a per-row cost for the mask walk).
+void balance(const Problem& p, int parts, int64_t* bounds) {
+    const int64_t row_cost = p.in / 8 + 8;
+    const int64_t total = p.row_offsets[p.out] + p.out * row_cost;
+    bounds[0] = 0;
+    int64_t lo = 0;
+    for (int i = 1; i < parts; ++i) {
+        const int64_t target = total * i / parts;
+        int64_t hi = p.out;  // first row o with cost(o) >= target
+        while (lo < hi) {
+            const int64_t mid = lo + (hi - lo) / 2;
+            if (p.row_offsets[mid] + mid * row_cost < target)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        bounds[i] = lo;
+    }
+    bounds[parts] = p.out;
+}
+
+// ------------------------------------------------------------------------------------------- thread pool
+// Persistent workers (not OpenMP: a second OpenMP runtime beside PyTorch's would fight it for the cores). After a
+// job a worker spins briefly, so the next call of a decode step finds it awake, then sleeps on a condition
+// variable so it does not take the core from PyTorch's own work between our calls. The caller runs part 0.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+class Pool {
+   public:
+    explicit Pool(int64_t spin_us) : spin_us_(spin_us) {}
+
+    // Runs parts 0..parts-1 of job, part 0 on the calling thread; returns when all are done.
+    void run(const Job& job, int parts) {
+        grow(parts - 1);
+        job_ = &job;
+        parts_ = parts;
+        // every worker acknowledges every job (those without a part at once), so none can still be reading
+        // job_ / parts_ of this one when the next is posted
+        pending_.store(count_, std::memory_order_relaxed);
+        generation_.fetch_add(1, std::memory_order_seq_cst);
+        if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+            std::lock_guard<std::mutex> lock(mutex_);
+            wake_.notify_all();
+        }
+        run_part(job, 0);
+        for (unsigned spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+            if (spins < (1u << 16))
+                cpu_relax();
+            else
+                std::this_thread::yield();  // a worker lost its core: do not burn the one it needs
+        }
+    }
+
+    void set_spin_us(int64_t us) { spin_us_.store(us, std::memory_order_relaxed); }
+    int64_t spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
+    int workers() const { return static_cast<int>(count_); }
+
+   private:
+    void grow(int n) {
+        while (count_ < n) {
+            const int index = count_ + 1;
+            const uint64_t seen = generation_.load(std::memory_order_relaxed);  // before the job is posted
+            std::thread([this, index, seen] { loop(index, seen); }).detach();  // lives as long as the process
+            ++count_;
+        }
+    }
+
+    void loop(int index, uint64_t seen) {
+        for (;;) {
+            seen = wait_for_change(seen);
+            const Job* job = job_;
+            if (index < parts_) run_part(*job, index);
+            pending_.fetch_sub(1, std::memory_order_release);
+        }
+    }
+
+    uint64_t wait_for_change(uint64_t seen) {
+        using clock = std::chrono::steady_clock;
+        const auto until = clock::now() + std::chrono::microseconds(spin_us());
+        for (unsigned i = 1;; ++i) {
+            const uint64_t now = generation_.load(std::memory_order_acquire);
+            if (now != seen) return now;
+            cpu_relax();
+            if ((i & 63) == 0 && clock::now() >= until) break;
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        uint64_t now;
+        while ((now = generation_.load(std::memory_order_seq_cst)) == seen) wake_.wait(lock);
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        return now;
+    }
+
+    std::atomic<int64_t> spin_us_;
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<int> pending_{0};
+    std::atomic<int> sleepers_{0};
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    const Job* job_ = nullptr;
+    int parts_ = 0;
+    int count_ = 0;
+};
+
+int64_t default_spin_us() {
+    const char* env = std::getenv("SECATEURS_KERNEL_SPIN_US");
+    return env && *env ? std::max<int64_t>(0, std::atoll(env)) : 200;
+}
+
+Pool* g_pool = nullptr;        // created on first multi-threaded call; never destroyed (workers are detached)
+std::mutex g_pool_mutex;       // one multi-threaded call at a time; a concurrent caller runs on its own thread
+int64_t g_spin_us = default_spin_us();
+
+#if defined(__unix__) || defined(__APPLE__)
+void forget_pool_after_fork() {  // the child has none of the parent's threads: start afresh if it needs some
+    g_pool = nullptr;
+    new (&g_pool_mutex) std::mutex();
+}
+#endif
+
+// Below this many multiply-adds a call stays on one thread: waking a worker would cost more than it saves.
+constexpr int64_t kParallelWork = 1 << 15;
+
+void compute(Job& job, int threads) {
+    const Problem& p = job.problem;
+    const int64_t work = (p.row_offsets[p.out] + p.out * (p.in / 8)) * p.m;
+    int parts = static_cast<int>(std::min<int64_t>({threads, kMaxThreads, p.out, std::max<int64_t>(1, work / kParallelWork)}));
+    std::unique_lock<std::mutex> lock(g_pool_mutex, std::defer_lock);
+    if (parts > 1 && !lock.try_lock()) parts = 1;
+    if (parts <= 1) {
+        job.bounds[0] = 0;
+        job.bounds[1] = p.out;
+        run_part(job, 0);
+        return;
+    }
+    balance(p, parts, job.bounds);
+    if (!g_pool) g_pool = new Pool(g_spin_us);
+    g_pool->run(job, parts);
+}
+
+// Scratch kept per calling thread: fp32 copies of bf16 activations / bias, fp32 output before rounding to bf16.
+struct Scratch {
+    std::vector<float> x, bias, y;
+};
+thread_local Scratch t_scratch;
+
+float* scratch(std::vector<float>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+}
+
+// ------------------------------------------------------------------------------------------- Python
+template <typename T>
+bool arg(PyObject* o, T* out) {
+    const long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) return false;
+    *out = static_cast<T>(v);
+    return true;
+}
+
+bool ptr_arg(PyObject* o, const void** out) {
+    *out = PyLong_AsVoidPtr(o);
+    return !PyErr_Occurred();
+}
+
+PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+    // mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, threads
+    if (nargs != 15) {
+        PyErr_Format(PyExc_TypeError, "spmm takes 15 integer arguments, got %zd", nargs);
+        return nullptr;
+    }
+    const void *mask, *values, *offsets, *x, *bias, *y;
+    int values_dtype, x_dtype, bias_dtype, isa, threads;
+    int64_t out, in, x_stride, m;
+    if (!ptr_arg(args[0], &mask) || !ptr_arg(args[1], &values) || !arg(args[2], &values_dtype) ||
+        !ptr_arg(args[3], &offsets) || !arg(args[4], &out) || !arg(args[5], &in) || !ptr_arg(args[6], &x) ||
+        !arg(args[7], &x_stride) || !arg(args[8], &m) || !arg(args[9], &x_dtype) || !ptr_arg(args[10], &bias) ||
+        !arg(args[11], &bias_dtype) || !ptr_arg(args[12], &y) || !arg(args[13], &isa) || !arg(args[14], &threads))
+        return nullptr;
+    if ((values_dtype | x_dtype) & ~1 || bias_dtype < -1 || bias_dtype > 1) {
+        PyErr_SetString(PyExc_ValueError, "dtype codes must be 0 (float32) or 1 (bfloat16)");
+        return nullptr;
+    }
+    if (isa < kScalar || isa > kAvx512 || (isa == kAvx2 && !(kFeatures & 1)) || (isa == kAvx512 && !(kFeatures & 2))) {
+        PyErr_Format(PyExc_ValueError, "ISA code %d is not supported by this CPU", isa);
+        return nullptr;
+    }
+    if (out < 0 || in < 0 || m < 0 || x_stride < in || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad sizes");
+        return nullptr;
+    }
+    if (out == 0 || m == 0) Py_RETURN_NONE;
+
+    Job job;
+    Problem& p = job.problem;
+    p.mask = static_cast<const uint8_t*>(mask);
+    p.mask_stride = (in + 7) / 8;
+    p.values = values;
+    p.values_bf16 = values_dtype;
+    p.row_offsets = static_cast<const int64_t*>(offsets);
+    p.out = out;
+    p.in = in;
+    p.m = m;
+    job.isa = static_cast<Isa>(isa);
+
+    bool no_memory = false;
+    Py_BEGIN_ALLOW_THREADS
+    try {
+    Scratch& s = t_scratch;
+    if (x_dtype == 1) {  // bf16 activations: widen once per call, not once per row
+        float* xf = scratch(s.x, static_cast<size_t>(m * in));
+        const uint16_t* xh = static_cast<const uint16_t*>(x);
+        for (int64_t t = 0; t < m; ++t)
+            for (int64_t j = 0; j < in; ++j) xf[t * in + j] = bf16_to_float(xh[t * x_stride + j]);
+        p.x = xf;
+        p.x_stride = in;
+    } else {
+        p.x = static_cast<const float*>(x);
+        p.x_stride = x_stride;
+    }
+    if (bias_dtype == 1) {
+        float* bf = scratch(s.bias, static_cast<size_t>(out));
+        for (int64_t o = 0; o < out; ++o) bf[o] = bf16_to_float(static_cast<const uint16_t*>(bias)[o]);
+        p.bias = bf;
+    } else {
+        p.bias = bias_dtype == 0 ? static_cast<const float*>(bias) : nullptr;
+    }
+    if (x_dtype == 1) {
+        p.y = scratch(s.y, static_cast<size_t>(m * out));
+        job.y_bf16 = static_cast<uint16_t*>(const_cast<void*>(y));
+    } else {
+        p.y = static_cast<float*>(const_cast<void*>(y));
+        job.y_bf16 = nullptr;
+    }
+    p.y_stride = out;
+    compute(job, threads);
+    } catch (const std::bad_alloc&) {
+        no_memory = true;
+    }
+    Py_END_ALLOW_THREADS
+    if (no_memory) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+PyObject* py_cpu_features(PyObject*, PyObject*) { return PyLong_FromLong(kFeatures); }
+
+PyObject* py_set_spin_us(PyObject*, PyObject* arg) {
+    const long long us = PyLong_AsLongLong(arg);
+    if (us == -1 && PyErr_Occurred()) return nullptr;
+    if (us < 0) {
+        PyErr_SetString(PyExc_ValueError, "spin time must be >= 0 microseconds");
+        return nullptr;
+    }
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    g_spin_us = us;
+    if (g_pool) g_pool->set_spin_us(us);
+    Py_RETURN_NONE;
+}
+
+PyObject* py_spin_us(PyObject*, PyObject*) { return PyLong_FromLongLong(g_spin_us); }
+
+PyMethodDef kMethods[] = {
+    {"spmm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_spmm)), METH_FASTCALL,
+     "spmm(mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, "
+     "threads): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, codes)."},
+    {"cpu_features", py_cpu_features, METH_NOARGS, "Bit 0: AVX2+FMA; bit 1: AVX-512 F/BW/VL/DQ/VBMI2."},
+    {"set_spin_us", py_set_spin_us, METH_O, "How long idle workers spin (microseconds) before they sleep."},
+    {"spin_us", py_spin_us, METH_NOARGS, "How long idle workers spin (microseconds) before they sleep."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_sparse_kernel",
+                       "Sparse (bitmask + packed values) matmul kernels for CPU: AVX-512, AVX2, scalar.", -1, kMethods};
+
+}  // namespace
+}  // namespace secateurs
+
+PyMODINIT_FUNC PyInit__sparse_kernel(void) {
+#if defined(__unix__) || defined(__APPLE__)
+    static bool registered = false;
+    if (!registered) {
+        pthread_atfork(nullptr, nullptr, secateurs::forget_pool_after_fork);
+        registered = true;
+    }
+#endif
+    return PyModule_Create(&secateurs::kModule);
+}

@@ -1,0 +1,294 @@
+"""The packed sparse weight format and its matmul: every path (AVX-512, AVX2, scalar, torch) against float64 truth."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from secateurs.runtime import kernels
+
+DTYPES = [torch.float32, torch.bfloat16]
+ISAS = kernels.supported_isas()  # best first, "torch" always last
+NATIVE = [name for name in ISAS if name != "torch"]
+SPARSITIES = [0.0, 0.5, 0.7, 0.9, 0.99, 1.0]
+needs_native = pytest.mark.skipif(not kernels.native_available(), reason="the compiled kernel is not built")
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_settings():
+    yield
+    kernels.set_isa(None)
+    kernels.set_num_threads(None)
+
+
+def sparse_weight(out: int, cols: int, sparsity: float, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """A random weight with about ``sparsity`` of it zero; one empty and one full row when there is room."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, cols, generator=gen)
+    weight[torch.rand(out, cols, generator=gen) < sparsity] = 0.0
+    if out >= 3:
+        weight[1] = 0.0
+        weight[2] = torch.randn(cols, generator=gen)
+    return weight.to(dtype)
+
+
+def assert_close_to_truth(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """y within fp32 accumulation error (scaled by sum |x||w|) plus one rounding to y's dtype of float64 truth."""
+    xd, wd = x.double(), weight.double()
+    truth = xd @ wd.T + (0 if bias is None else bias.double())
+    scale = xd.abs() @ wd.abs().T + (0 if bias is None else bias.double().abs())
+    ulp = 2.0**-8 if y.dtype == torch.bfloat16 else 2.0**-23
+    tol = 1e-5 * scale + ulp * truth.abs() + 1e-30
+    err = (y.double() - truth).abs()
+    assert y.dtype == x.dtype and y.shape == truth.shape
+    worst = err.argmax()
+    assert bool((err <= tol).all()), f"max error {err.max().item():.3g}, tolerance there {tol.flatten()[worst]:.3g}"
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    as_int = torch.int32 if a.dtype == torch.float32 else torch.int16
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(as_int), b.view(as_int))
+
+
+# ---------------------------------------------------------------------------------------------- the format
+@settings(max_examples=60, deadline=None)
+@given(
+    out=st.integers(0, 40),
+    cols=st.integers(0, 70),
+    sparsity=st.sampled_from(SPARSITIES),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_pack_unpack_is_bit_identical(out, cols, sparsity, dtype, seed):
+    weight = sparse_weight(out, cols, sparsity, dtype, seed)
+    if weight.numel():
+        weight.view(-1)[seed % weight.numel()] = -0.0  # stored: its bit pattern is not zero
+    p = kernels.pack(weight)
+    assert p.shape == (out, cols) and p.dtype == dtype
+    assert p.mask.shape == (out, (cols + 7) // 8) and p.mask.dtype == torch.uint8
+    assert p.nnz == int((weight.view(torch.int32 if dtype == torch.float32 else torch.int16) != 0).sum())
+    assert p.row_offsets[-1] == p.nnz and p.values.numel() >= p.nnz + 16
+    assert same_bits(kernels.unpack(p), weight)
+    again = kernels.from_parts(p.mask, p.values[: p.nnz].clone(), p.shape)
+    assert torch.equal(again.row_offsets, p.row_offsets) and same_bits(kernels.unpack(again), weight)
+
+
+def test_mask_layout_is_lsb_first():
+    weight = torch.zeros(2, 10)
+    weight[0, 0] = weight[0, 9] = weight[1, 3] = 1.0
+    weight[1, 8] = -0.0
+    p = kernels.pack(weight)
+    assert p.mask.tolist() == [[0b00000001, 0b00000010], [0b00001000, 0b00000001]]
+    assert p.row_offsets.tolist() == [0, 2, 4] and p.values[: p.nnz].tolist() == [1.0, 1.0, 1.0, -0.0]
+
+
+@pytest.mark.parametrize(
+    "weight, message",
+    [
+        (torch.zeros(4), "2-D"),
+        (torch.zeros(2, 2, dtype=torch.float16), "float32 or bfloat16"),
+        (torch.zeros(2, 2, dtype=torch.int32), "float32 or bfloat16"),
+        ([[1.0]], "torch.Tensor"),
+    ],
+)
+def test_pack_rejects_bad_weights(weight, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.pack(weight)
+
+
+def test_from_parts_rejects_inconsistent_parts():
+    p = kernels.pack(sparse_weight(6, 13, 0.5))
+    mask, values = p.mask, p.values[: p.nnz]
+    cases = [
+        ((mask.int(), values, (6, 13)), "mask dtype must be uint8"),
+        ((mask[:5], values, (6, 13)), r"mask shape must be \(6, 2\)"),
+        ((mask, values, (6, 17)), r"mask shape must be \(6, 3\)"),
+        ((mask, values.half(), (6, 13)), "values dtype"),
+        ((mask, values.view(1, -1), (6, 13)), "1-D"),
+        ((mask, values[:-1], (6, 13)), f"marks {p.nnz} stored weights but values holds {p.nnz - 1}"),
+        ((mask, torch.cat([values, torch.zeros(3)]), (6, 13)), "values holds"),
+        ((mask, values, (6,)), "two integers"),
+        ((mask, values, (-6, 13)), "non-negative"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            kernels.from_parts(*args)
+    stray = mask.clone()
+    stray[0, 1] |= 0b10000000  # column 15 of a 13-column row
+    with pytest.raises(ValueError, match="bits set past column 13"):
+        kernels.from_parts(stray, values, (6, 13))
+
+
+# ---------------------------------------------------------------------------------------------- the product
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    out=st.integers(1, 48),
+    cols=st.one_of(st.integers(1, 70), st.sampled_from([96, 576])),
+    sparsity=st.sampled_from(SPARSITIES),
+    batch=st.one_of(st.integers(0, 9), st.sampled_from([17, 37])),
+    wdtype=st.sampled_from(DTYPES),
+    xdtype=st.sampled_from(DTYPES),
+    with_bias=st.booleans(),
+    isa=st.sampled_from(ISAS),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_spmm_matches_dense(out, cols, sparsity, batch, wdtype, xdtype, with_bias, isa, threads, seed):
+    kernels.set_isa(isa)
+    kernels.set_num_threads(threads)
+    weight = sparse_weight(out, cols, sparsity, wdtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, cols, generator=gen).to(xdtype)
+    bias = torch.randn(out, generator=gen).to(wdtype) if with_bias else None
+    assert_close_to_truth(kernels.spmm(x, kernels.pack(weight), bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cols", [1, 7, 8, 15, 16, 17, 33, 576])
+def test_awkward_widths(isa, cols):
+    """Widths around the 8- and 16-column chunks, all sparsities, decode and prefill batches, both dtypes."""
+    kernels.set_isa(isa)
+    for sparsity in SPARSITIES:
+        for dtype in DTYPES:
+            weight = sparse_weight(21, cols, sparsity, dtype, seed=cols)
+            p = kernels.pack(weight)
+            for batch in (1, 2, 3, 4, 5, 8, 37):
+                x = torch.randn(batch, cols).to(dtype)
+                assert_close_to_truth(kernels.spmm(x, p), x, weight, None)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_model_shapes_threads_and_prefill(isa, threads):
+    """SmolLM2-135M's MLP shape at 70%, large enough that the work is split across threads."""
+    kernels.set_isa(isa)
+    kernels.set_num_threads(threads)
+    for dtype in DTYPES:
+        weight = sparse_weight(1536, 576, 0.7, dtype)
+        p = kernels.pack(weight)
+        bias = torch.randn(1536).to(dtype)
+        for batch in (1, 8, 128):
+            x = torch.randn(batch, 576).to(dtype)
+            assert_close_to_truth(kernels.spmm(x, p, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_empty_full_and_negative_zero_rows(isa):
+    kernels.set_isa(isa)
+    weight = sparse_weight(8, 40, 0.6)
+    weight[0] = 0.0
+    weight[3] = -0.0
+    weight[5] = torch.randn(40)
+    weight[6, ::3] = -0.0
+    bias = torch.arange(8.0)
+    x = torch.randn(5, 40)
+    y = kernels.spmm(x, kernels.pack(weight), bias)
+    assert_close_to_truth(y, x, weight, bias)
+    assert torch.equal(y[:, 0], bias[0].expand(5)) and torch.equal(y[:, 3], bias[3].expand(5))
+    assert torch.equal(kernels.spmm(x, kernels.pack(torch.zeros(4, 40))), torch.zeros(5, 4))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_leading_dims_strides_and_empty_batches(isa):
+    kernels.set_isa(isa)
+    weight = sparse_weight(12, 24, 0.7)
+    p = kernels.pack(weight)
+    x = torch.randn(2, 3, 24)
+    y = kernels.spmm(x, p)
+    assert y.shape == (2, 3, 12)
+    assert_close_to_truth(y.reshape(6, 12), x.reshape(6, 24), weight, None)
+    wide = torch.randn(5, 48)[:, ::2]  # inner stride 2: copied
+    assert_close_to_truth(kernels.spmm(wide, p), wide, weight, None)
+    rows = torch.randn(10, 24)[::2]  # row stride 48: read in place
+    assert_close_to_truth(kernels.spmm(rows, p), rows, weight, None)
+    transposed = torch.randn(24, 4).T
+    assert_close_to_truth(kernels.spmm(transposed, p), transposed, weight, None)
+    assert kernels.spmm(torch.randn(0, 24), p).shape == (0, 12)
+    assert kernels.spmm(torch.randn(2, 0, 24, dtype=torch.bfloat16), p).shape == (2, 0, 12)
+    bias = torch.randn(3)
+    empty = kernels.pack(torch.zeros(3, 0))
+    assert torch.equal(kernels.spmm(torch.randn(4, 0), empty, bias), bias.expand(4, 3))
+
+
+def test_spmm_rejects_bad_input():
+    p = kernels.pack(sparse_weight(4, 8, 0.5))
+    with pytest.raises(ValueError, match="last dimension must be 8"):
+        kernels.spmm(torch.randn(2, 7), p)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernels.spmm(torch.randn(2, 8).half(), p)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.spmm(torch.randn(2, 8), p, torch.randn(5))
+
+
+@needs_native
+def test_simd_paths_agree_with_scalar():
+    """Different summation orders only: the paths agree far more closely than with the bf16 truth tolerance."""
+    weight = sparse_weight(64, 200, 0.7)
+    x = torch.randn(11, 200)
+    p = kernels.pack(weight)
+    results = {}
+    for isa in NATIVE:
+        kernels.set_isa(isa)
+        results[isa] = kernels.spmm(x, p)
+    for isa, y in results.items():
+        torch.testing.assert_close(y, results["scalar"], rtol=1e-5, atol=1e-5, msg=isa)
+
+
+@needs_native
+def test_concurrent_callers():
+    """Python threads calling at once (the GIL is released): one uses the pool, the others run on their own."""
+    kernels.set_num_threads(2)
+    weight = sparse_weight(1536, 576, 0.7)
+    p = kernels.pack(weight)
+    x = torch.randn(8, 576)
+    expected = kernels.spmm(x, p)
+    failures = []
+
+    def work():
+        for _ in range(30):
+            if not torch.equal(kernels.spmm(x, p), expected):
+                failures.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+# ---------------------------------------------------------------------------------------------- ISA selection
+def test_isa_selection():
+    assert kernels.isa() == ISAS[0]
+    assert kernels.native_available() == (ISAS != ["torch"])
+    kernels.set_isa("torch")
+    assert kernels.isa() == "torch"
+    kernels.set_isa(None)
+    assert kernels.isa() == ISAS[0]
+    with pytest.raises(ValueError, match="unknown kernel ISA 'sse9'"):
+        kernels.set_isa("sse9")
+    for name in {"avx512", "avx2", "scalar"} - set(ISAS):
+        with pytest.raises(ValueError, match="not available"):
+            kernels.set_isa(name)
+    with pytest.raises(ValueError, match="positive integer"):
+        kernels.set_num_threads(0)
+
+
+def _import_with_env(value: str) -> subprocess.CompletedProcess:
+    code = "from secateurs.runtime import kernels; print(kernels.isa())"
+    env = {**os.environ, kernels.ISA_ENV: value}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_isa_environment_variable():
+    done = _import_with_env("torch")
+    assert done.returncode == 0 and done.stdout.strip() == "torch"
+    done = _import_with_env("sse9")
+    assert done.returncode != 0 and "SECATEURS_KERNEL_ISA" in done.stderr and "unknown kernel ISA" in done.stderr
