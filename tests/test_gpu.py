@@ -36,3 +36,65 @@ def test_cuda_evaluate_and_model_on_gpu():
     report = secateurs.prune(model, "sparsegpt", windows, device="cuda", progress=False)
     assert report.sparsity == pytest.approx(0.5)
     assert report.peak_cuda_bytes and report.peak_cuda_bytes > 0
+
+
+# ----------------------------------------------------------------- 2:4 semi-structured sparse (runtime.cuda)
+def _needs_semi_structured():
+    from secateurs.runtime.cuda import semi_structured_support
+
+    why = semi_structured_support()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_semi_structured_matches_dense(family, dtype):
+    import copy
+
+    from secateurs.runtime.cuda import to_semi_structured
+
+    _needs_semi_structured()
+    model = tiny_model(family)
+    secateurs.prune(model, secateurs.Recipe(method="magnitude", pattern="2:4"), progress=False)
+    dense = model.to("cuda", dtype)
+    sparse = copy.deepcopy(dense)
+    summary = to_semi_structured(sparse)
+    assert summary["converted"] > 0, summary
+    ids = torch.randint(0, VOCAB, (2, 32), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits.float(), dense(ids).logits.float(), atol=3e-2, rtol=3e-2)
+        out = sparse.generate(ids[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
+
+
+def test_semi_structured_refuses_what_it_cannot_do():
+    from secateurs.errors import SecateursError
+    from secateurs.runtime.cuda import to_semi_structured
+
+    _needs_semi_structured()
+    unpruned = tiny_model("llama").to("cuda", torch.float16)
+    with pytest.raises(SecateursError, match="--pattern 2:4"):
+        to_semi_structured(unpruned)
+    with pytest.raises(SecateursError, match="float16 or bfloat16"):
+        to_semi_structured(tiny_model("llama").cuda())
+
+
+def test_cli_bench_cuda(tmp_path, tiny_model_dir):
+    import json
+
+    from test_cli import run_main
+
+    from secateurs.export import save_pruned
+
+    _needs_semi_structured()
+    model, tokenizer, _ = secateurs.load_model(str(tiny_model_dir))
+    secateurs.prune(model, secateurs.Recipe(method="magnitude", pattern="2:4"), progress=False)
+    save_pruned(model, tokenizer, tmp_path / "p")
+    args = ["--device", "cuda", "--tokens", "4", "--prompt-len", "32", "--repeat", "1", "--json", "--quiet"]
+    code, out, err = run_main("bench", tmp_path / "p", *args)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["kernel_isa"] == "semi-structured 2:4" and result["dtype"] == "bfloat16"
+    assert result["sparse"]["decode_tokens_per_s"] > 0 and result["dense"]["decode_tokens_per_s"] > 0
+    assert result["sparse"]["weight_bytes"] < result["dense"]["weight_bytes"]
