@@ -232,12 +232,12 @@ if os.environ.get(ISA_ENV):
 def _check_spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in DTYPES:
         raise ValueError(f"x must be a float32 or bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(f"x must be on the CPU, got {x.device}")
     if x.dim() == 0 or x.shape[-1] != p.shape[1]:
         raise ValueError(f"x's last dimension must be {p.shape[1]} (the weight's in-features), got {tuple(x.shape)}")
     if bias is not None:
-        if bias.dtype not in DTYPES or bias.device.type != "cpu" or tuple(bias.shape) != (p.shape[0],):
+        if bias.dtype not in DTYPES or not bias.is_cpu or bias.shape != (p.shape[0],):
             raise ValueError(f"bias must be a CPU float32/bfloat16 tensor of shape ({p.shape[0]},)")
 
 
@@ -254,27 +254,29 @@ def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> 
     Accumulates in fp32 whatever the dtypes of x and the values. CPU only.
     """
     _check_spmm(x, p, bias)
-    if _isa == "torch":
+    out, cols = p.shape
+    if _isa == "torch" or out == 0 or cols == 0 or x.numel() == 0:  # (nothing to multiply: no native call)
         return spmm_reference(x, p, bias)
-    cols = p.shape[1]
-    if x.numel() == 0 or cols == 0 or p.shape[0] == 0:  # nothing to multiply: no native call
-        return spmm_reference(x, p, bias)
-    x2 = x.reshape(-1, cols)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < cols):
-        x2 = x2.contiguous()
-    if bias is not None:
+    if x.is_contiguous():  # the common case, kept cheap: ~210 calls a token
+        x2, stride = x, cols
+    else:
+        x2 = x.reshape(-1, cols)
+        if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < cols):
+            x2 = x2.contiguous()
+        stride = x2.stride(0) if x2.shape[0] > 1 else cols
+    if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    y = torch.empty(x2.shape[0], p.shape[0], dtype=x.dtype)
+    y = torch.empty((*x.shape[:-1], out), dtype=x.dtype)
     _native.spmm(
         *p._args,
         x2.data_ptr(),
-        x2.stride(0) if x2.shape[0] > 1 else cols,
-        x2.shape[0],
+        stride,
+        x.numel() // cols,
         _DTYPE_CODE[x.dtype],
         0 if bias is None else bias.data_ptr(),
         -1 if bias is None else _DTYPE_CODE[bias.dtype],
         y.data_ptr(),
         _ISA_CODE[_isa],
-        num_threads(),
+        _threads if _threads is not None else torch.get_num_threads(),
     )
-    return y.view(*x.shape[:-1], p.shape[0])
+    return y

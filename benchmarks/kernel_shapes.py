@@ -1,0 +1,187 @@
+"""Time per call of the packed sparse matmul against dense ``F.linear`` on SmolLM2-135M's linear shapes.
+
+Protocol (printed with the table): random weights pruned to exactly the given sparsity per row; for each shape,
+dtype (weights and activations alike), sparsity and batch, our ``spmm`` and torch's dense ``F.linear`` are timed in
+the same run, interleaved, each as the median over repeats of a pass over enough distinct copies of the weights to
+exceed the last-level cache (``--cold-mb``), so that decode reads its weights from memory as it does in a model.
+Prefill batches use fewer copies (they are compute-bound). ``ratio`` = dense time / our time (> 1: we are faster);
+GB/s = weight bytes read per second (packed values + mask for ours, the dense matrix for torch). The ``layer``
+shape is the seven linears of one decoder layer called in turn (q, k, v, o, gate, up, down).
+
+    python benchmarks/kernel_shapes.py                      # the full grid, torch.get_num_threads() threads
+    python benchmarks/kernel_shapes.py --threads 1 --batches 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from secateurs.runtime import kernels
+
+# SmolLM2-135M: hidden 576, 9 query heads and 3 key/value heads of 64, MLP 1536; weights are [out, in]
+SHAPES = {
+    "q/o 576x576": [(576, 576)],
+    "k/v 192x576": [(192, 576)],
+    "gate/up 1536x576": [(1536, 576)],
+    "down 576x1536": [(576, 1536)],
+    "layer": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)],
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def pruned(out: int, cols: int, sparsity: float, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A random weight with exactly floor(cols * sparsity) zeros in every row (as Wanda leaves it)."""
+    weight = torch.randn(out, cols, generator=gen)
+    drop = torch.rand(out, cols, generator=gen).argsort(dim=1)[:, : int(cols * sparsity)]
+    weight.scatter_(1, drop, 0.0)
+    return weight.to(dtype)
+
+
+def _passes(fn, min_seconds: float) -> int:
+    fn()  # warm-up: first touch, thread pool start
+    start = time.perf_counter()
+    fn()
+    return max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-9)))
+
+
+def per_call_seconds(fns, calls: int, repeats: int, min_seconds: float) -> list[float]:
+    """For each fn: median over repeats of the seconds per call of ``passes`` passes (>= min_seconds a repeat).
+
+    The fns take turns inside every repeat, so a change in machine load hits them alike.
+    """
+    passes = [_passes(fn, min_seconds) for fn in fns]
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, n, out in zip(fns, passes, samples, strict=True):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out.append((time.perf_counter() - start) / (n * calls))
+    return [statistics.median(s) for s in samples]
+
+
+def bench_case(shapes, dtype, sparsity, batch, cold_bytes, repeats, min_seconds, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dense_bytes = sum(o * i for o, i in shapes) * torch.tensor([], dtype=dtype).element_size()
+    copies = max(1, math.ceil(cold_bytes / dense_bytes)) if batch <= 8 else 2
+    dense = [[pruned(o, i, sparsity, dtype, gen) for o, i in shapes] for _ in range(copies)]
+    packed = [[kernels.pack(w) for w in layer] for layer in dense]
+    xs = {i: torch.randn(batch, i, generator=gen).to(dtype) for _, i in shapes}
+    calls = copies * len(shapes)
+
+    def ours():
+        for layer in packed:
+            for p in layer:
+                kernels.spmm(xs[p.shape[1]], p)
+
+    def theirs():
+        for layer in dense:
+            for w in layer:
+                F.linear(xs[w.shape[1]], w)
+
+    t_ours, t_dense = per_call_seconds([ours, theirs], calls, repeats, min_seconds)
+    sparse_bytes = sum(p.nbytes for p in packed[0])
+    return {
+        "shape": shapes,
+        "copies": copies,
+        "us_ours": t_ours * len(shapes) * 1e6,
+        "us_dense": t_dense * len(shapes) * 1e6,
+        "ratio": t_dense / t_ours,
+        "gbps_ours": sparse_bytes / (t_ours * len(shapes)) / 1e9,
+        "gbps_dense": dense_bytes / (t_dense * len(shapes)) / 1e9,
+        "bytes_ours": sparse_bytes,
+        "bytes_dense": dense_bytes,
+    }
+
+
+def call_overhead_us(repeats: int) -> dict:
+    """Per-call cost on a tiny weight (8x16, batch 1): what ~210 calls a token pay on top of the work."""
+    p = kernels.pack(torch.randn(8, 16))
+    w = kernels.unpack(p)
+    x = torch.randn(1, 16)
+    n = 2000
+
+    def loop(fn):
+        return lambda: [fn() for _ in range(n)]
+
+    ours, dense = per_call_seconds([loop(lambda: kernels.spmm(x, p)), loop(lambda: F.linear(x, w))], n, repeats, 0.05)
+    return {"spmm": ours * 1e6, "F.linear": dense * 1e6}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), metavar="SHAPE")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8, 128, 512])
+    parser.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
+    parser.add_argument("--isa", default=None, help="force a kernel path (avx512, avx2, scalar, torch)")
+    parser.add_argument("--cold-mb", type=float, default=256, help="weights cycled per decode case (beyond the LLC)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=0.05, help="least time of one repeat")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    kernels.set_num_threads(threads)
+    kernels.set_isa(args.isa)
+    overhead = call_overhead_us(args.repeats)
+    print(f"# CPU {cpu_name()}; kernel path {kernels.isa()}; {threads} thread(s); torch {torch.__version__}")
+    print(
+        f"# protocol: exact per-row sparsity; weights cycled over >= {args.cold_mb:g} MB per decode case (2 copies "
+        f"for batch > 8); median of {args.repeats} repeats of >= {args.min_seconds:g} s; ours and dense interleaved"
+    )
+    ours, dense = overhead["spmm"], overhead["F.linear"]
+    print(f"# per-call cost, 8x16 weight, batch 1: spmm {ours:.2f} us, F.linear {dense:.2f} us")
+    header = f"{'shape':18} {'dtype':5} {'sparsity':>8} {'batch':>5} {'ours us':>10} {'dense us':>10} {'ratio':>6}"
+    print(header + f" {'ours GB/s':>9} {'dense GB/s':>10}")
+    results = []
+    for name in args.shapes:
+        for dtype_name in args.dtypes:
+            for sparsity in args.sparsities:
+                for batch in args.batches:
+                    row = bench_case(
+                        SHAPES[name],
+                        DTYPES[dtype_name],
+                        sparsity,
+                        batch,
+                        args.cold_mb * 2**20,
+                        args.repeats,
+                        args.min_seconds,
+                    )
+                    row.update(name=name, dtype=dtype_name, sparsity=sparsity, batch=batch)
+                    results.append(row)
+                    print(
+                        f"{name:18} {dtype_name:5} {sparsity:8.2f} {batch:5d} {row['us_ours']:10.1f} "
+                        f"{row['us_dense']:10.1f} {row['ratio']:6.2f} {row['gbps_ours']:9.1f} "
+                        f"{row['gbps_dense']:10.1f}",
+                        flush=True,
+                    )
+    if args.json:
+        meta = {"cpu": cpu_name(), "isa": kernels.isa(), "threads": threads, "torch": torch.__version__}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "overhead_us": overhead, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
