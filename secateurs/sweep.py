@@ -475,19 +475,28 @@ def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(
         name,
         help="prune one model over a grid of recipes (resumable); table and HTML report with plots",
-        description=__doc__.split("\n\n")[0],
+        description="Prune one model over a grid of recipes, resumably (rerun the same command to resume), and "
+        "write results.csv, results.json and a static report.html with plots into the output folder.",
     )
     p.add_argument("model", nargs="?", default="smollm2-135m", help="hub id, local HF folder, .gguf file, smollm2-135m")
-    p.add_argument("--methods", default="wanda", help="comma-separated: magnitude,wanda,sparsegpt (default wanda)")
+    p.add_argument(
+        "--methods", default="wanda", metavar="M,...", help="comma-separated: magnitude,wanda,sparsegpt (default wanda)"
+    )
     p.add_argument(
         "--sparsities",
         type=_floats,
         default=None,
+        metavar="S,...",
         help="comma-separated unstructured sparsities (default 0.5,0.6,0.7, or none when --patterns is given)",
     )
     p.add_argument("--patterns", default="", metavar="N:M,...", help="comma-separated N:M patterns, e.g. 2:4,4:8")
-    p.add_argument("--allocations", default="uniform", help="comma-separated: uniform,owl,FILE.json (default uniform)")
-    p.add_argument("--refine", default="none", help="comma-separated: none,dsnot (default none)")
+    p.add_argument(
+        "--allocations",
+        default="uniform",
+        metavar="A,...",
+        help="comma-separated: uniform,owl,FILE.json (default uniform)",
+    )
+    p.add_argument("--refine", default="none", metavar="R,...", help="comma-separated: none,dsnot (default none)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching linears dense")
     p.add_argument("--calibration", default="shakespeare", metavar="SOURCE", help="calibration text (as for prune)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
@@ -501,6 +510,7 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument(
         "--knee-tolerance",
         type=float,
+        metavar="T",
         default=DEFAULT_TOLERANCE,
         help="essential sparsity: where perplexity first exceeds dense x (1 + this) (default 0.2)",
     )

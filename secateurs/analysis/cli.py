@@ -81,12 +81,16 @@ def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(
         name,
         help="HTML page with per-layer views of a pruned output folder (or rebuild a sweep folder's page)",
+        description="Write DIR/report.html: per-layer views (sparsity given and reached, outlier ratio, output "
+        "reconstruction error) of a pruned output folder, from its report.json; for a sweep folder, rebuild its "
+        "table and page.",
     )
     p.add_argument("folder", metavar="DIR", help="a pruned output folder (with report.json) or a sweep folder")
     p.add_argument("--output", "-o", default=None, metavar="FILE.html", help="where to write (default DIR/report.html)")
     p.add_argument(
         "--knee-tolerance",
         type=float,
+        metavar="T",
         default=DEFAULT_TOLERANCE,
         help="sweeps: essential sparsity where perplexity first exceeds dense x (1 + this) (default 0.2)",
     )

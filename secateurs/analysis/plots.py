@@ -12,7 +12,7 @@ import math
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, PercentFormatter
 
 from secateurs.analysis.summary import DEFAULT_TOLERANCE, Results, allocation_label, series_label, target_label
 
@@ -73,28 +73,27 @@ def perplexity_plot(results: Results, tolerance: float = DEFAULT_TOLERANCE) -> b
             ax.plot(knee.sparsity, threshold, marker="*", markersize=16, color=style["color"], markeredgecolor="black")
             ax.axvline(knee.sparsity, color=style["color"], linewidth=0.8, alpha=0.5)
     nm_rows = [r for r in rows if r["pattern"]]
-    for i, row in enumerate(nm_rows):
+    for row in nm_rows:  # filled for uniform allocation, hollow otherwise
         cell = next(c for c in results.cells if c["key"] == row["key"])
         style = series_style(cell["recipe"])
+        uniform = cell["recipe"].get("allocation", "uniform") == "uniform"
         ax.plot(
             row["sparsity_target"],
             row["perplexity"],
             marker="D",
             markersize=8,
             color=style["color"],
-            markeredgecolor="black",
+            markerfacecolor=style["color"] if uniform else "white",
+            markeredgewidth=1.5,
             linestyle="none",
         )
+    for pattern in dict.fromkeys(r["target"] for r in nm_rows):  # one label per pattern, beside its highest diamond
+        top = max((r for r in nm_rows if r["target"] == pattern), key=lambda r: r["perplexity"])
         ax.annotate(
-            f"{row['target']} {row['series']}",
-            (row["sparsity_target"], row["perplexity"]),
-            xytext=(8, -4 + 9 * (i % 3)),
-            textcoords="offset points",
-            fontsize=8,
-            color=style["color"],
+            pattern, (top["sparsity_target"], top["perplexity"]), xytext=(7, 4), textcoords="offset points", fontsize=9
         )
     if nm_rows:
-        ax.plot([], [], marker="D", color="#555", linestyle="none", label="N:M pattern (at its sparsity)")
+        ax.plot([], [], marker="D", color="#555", linestyle="none", label="N:M pattern at its sparsity (hollow: OWL)")
     ax.set_xlabel("target sparsity (fraction of weights zeroed in every pruned linear)")
     ax.set_ylabel("perplexity (log scale, lower is better)")
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
@@ -102,6 +101,7 @@ def perplexity_plot(results: Results, tolerance: float = DEFAULT_TOLERANCE) -> b
     ax.grid(True, which="major", alpha=0.3)
     ax.grid(True, which="minor", axis="y", alpha=0.1)
     ax.legend(loc="upper left", fontsize=9, framealpha=0.9)
+    _plain_log_labels(ax)
     return _png(fig)
 
 
@@ -181,6 +181,7 @@ def error_plot(results: Results) -> bytes | None:
         ax.grid(True, which="major", alpha=0.3)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
+    _plain_log_labels(axes.flat[0])
     for ax in axes[:, 0]:
         ax.set_ylabel("relative output error")
     for ax in axes[-1, :]:
@@ -189,6 +190,14 @@ def error_plot(results: Results) -> bytes | None:
         list(handles.values()), list(handles.keys()), loc="outside lower center", ncol=min(len(handles), 5), fontsize=9
     )
     return _png(fig)
+
+
+def _plain_log_labels(ax) -> None:
+    """Label a log y axis with plain numbers (300, 0.02), minor ticks too when it spans less than 20x."""
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}")
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if high / low < 20 else NullFormatter())
 
 
 def _layer_sparsity(layer: dict) -> float:

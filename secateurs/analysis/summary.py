@@ -140,7 +140,8 @@ class Results:
         for row in self.rows():
             if row["pattern"] is None and row["perplexity"] is not None:
                 out.setdefault(row["series"], []).append((row["sparsity_target"], row["perplexity"]))
-        return {name: sorted(points) for name, points in out.items()}
+        order = {name: i for i, name in enumerate(sorted({r["series"] for r in self.rows()}, key=_series_order))}
+        return {name: sorted(out[name]) for name in sorted(out, key=order.get)}
 
     def knees(self, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Knee]:
         """Essential sparsity per series (needs the dense perplexity)."""
@@ -152,6 +153,15 @@ class Results:
         for cell in self.cells:
             return [layer["name"] for layer in cell["report"]["layers"]]
         return []
+
+
+METHOD_ORDER = ("magnitude", "wanda", "sparsegpt")
+
+
+def _series_order(label: str):
+    """Methods in the order of the papers (magnitude, Wanda, SparseGPT), then plain before allocation/refinement."""
+    method, *rest = label.split(" + ")
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method, len(rest), rest)
 
 
 def _row_order(row: dict):
