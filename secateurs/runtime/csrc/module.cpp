@@ -27,6 +27,7 @@ namespace {
 
 enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kMaxThreads = 256;
+constexpr int kChunksPerThread = 4;  // work is handed out in chunks, so a thread that lost its core delays no one
 
 // ------------------------------------------------------------------------------------------- CPU features
 int cpu_features_bits() {
@@ -66,7 +67,7 @@ struct Job {
     Problem problem;
     Isa isa;
     uint16_t* y_bf16;  // final output when it is bfloat16 (problem.y is then fp32 scratch)
-    int64_t bounds[kMaxThreads + 1];
+    int64_t bounds[kMaxThreads * kChunksPerThread + 1];
 };
 
 void run_part(const Job& job, int part) {
@@ -107,8 +108,9 @@ void balance(const Problem& p, int parts, int64_t* bounds) {
 
 // ------------------------------------------------------------------------------------------- thread pool
 // Persistent workers (not OpenMP: a second OpenMP runtime beside PyTorch's would fight it for the cores). After a
-// job a worker spins briefly, so the next call of a decode step finds it awake, then sleeps on a condition
-// variable so it does not take the core from PyTorch's own work between our calls. The caller runs part 0.
+// job a worker spins briefly (SECATEURS_KERNEL_SPIN_US, default 200), so the next call of a decode step finds it
+// awake, then sleeps on a condition variable so it does not take the core from PyTorch's own work between our
+// calls. The calling thread works too.
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -119,33 +121,41 @@ class Pool {
    public:
     explicit Pool(int64_t spin_us) : spin_us_(spin_us) {}
 
-    // Runs parts 0..parts-1 of job, part 0 on the calling thread; returns when all are done.
-    void run(const Job& job, int parts) {
-        grow(parts - 1);
-        job_ = &job;
-        parts_ = parts;
-        // every worker acknowledges every job (those without a part at once), so none can still be reading
-        // job_ / parts_ of this one when the next is posted
-        pending_.store(count_, std::memory_order_relaxed);
+    // Runs the chunks 0..chunks-1 of job on the calling thread and up to threads-1 workers; returns when all are
+    // done. Chunks are claimed from a shared counter, so a worker that is late (descheduled on a busy machine)
+    // finds nothing left and the caller never waits for it to start: it only waits for chunks already claimed.
+    void run(const Job& job, int threads, int chunks) {
+        grow(threads - 1);
+        job_.store(&job, std::memory_order_relaxed);
+        chunks_.store(chunks, std::memory_order_relaxed);
+        threads_.store(threads, std::memory_order_relaxed);
+        next_.store(0, std::memory_order_relaxed);
+        closed_.store(false, std::memory_order_release);
         generation_.fetch_add(1, std::memory_order_seq_cst);
         if (sleepers_.load(std::memory_order_seq_cst) > 0) {
             std::lock_guard<std::mutex> lock(mutex_);
             wake_.notify_all();
         }
-        run_part(job, 0);
-        for (unsigned spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
-            if (spins < (1u << 16))
+        run_chunks(job, chunks);
+        // Dekker-style handshake with join(): a worker that entered before this store is waited for; one that
+        // enters after it sees closed_ and leaves without touching the job.
+        closed_.store(true, std::memory_order_seq_cst);
+        for (unsigned spins = 0; active_.load(std::memory_order_seq_cst) != 0; ++spins) {
+            if (spins < (1u << 14))
                 cpu_relax();
             else
-                std::this_thread::yield();  // a worker lost its core: do not burn the one it needs
+                std::this_thread::yield();
         }
     }
 
     void set_spin_us(int64_t us) { spin_us_.store(us, std::memory_order_relaxed); }
     int64_t spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
-    int workers() const { return static_cast<int>(count_); }
 
    private:
+    void run_chunks(const Job& job, int chunks) {
+        for (int c; (c = next_.fetch_add(1, std::memory_order_relaxed)) < chunks;) run_part(job, c);
+    }
+
     void grow(int n) {
         while (count_ < n) {
             const int index = count_ + 1;
@@ -158,9 +168,10 @@ class Pool {
     void loop(int index, uint64_t seen) {
         for (;;) {
             seen = wait_for_change(seen);
-            const Job* job = job_;
-            if (index < parts_) run_part(*job, index);
-            pending_.fetch_sub(1, std::memory_order_release);
+            active_.fetch_add(1, std::memory_order_seq_cst);
+            if (!closed_.load(std::memory_order_seq_cst) && index < threads_.load(std::memory_order_relaxed))
+                run_chunks(*job_.load(std::memory_order_relaxed), chunks_.load(std::memory_order_relaxed));
+            active_.fetch_sub(1, std::memory_order_seq_cst);
         }
     }
 
@@ -183,13 +194,12 @@ class Pool {
 
     std::atomic<int64_t> spin_us_;
     std::atomic<uint64_t> generation_{0};
-    std::atomic<int> pending_{0};
-    std::atomic<int> sleepers_{0};
+    std::atomic<const Job*> job_{nullptr};
+    std::atomic<int> chunks_{0}, threads_{0}, next_{0}, active_{0}, sleepers_{0};
+    std::atomic<bool> closed_{true};
     std::mutex mutex_;
     std::condition_variable wake_;
-    const Job* job_ = nullptr;
-    int parts_ = 0;
-    int count_ = 0;
+    int count_ = 0;  // workers started (touched by the caller holding g_pool_mutex only)
 };
 
 int64_t default_spin_us() {
@@ -223,9 +233,10 @@ void compute(Job& job, int threads) {
         run_part(job, 0);
         return;
     }
-    balance(p, parts, job.bounds);
+    const int chunks = static_cast<int>(std::min<int64_t>(int64_t{parts} * kChunksPerThread, p.out));
+    balance(p, chunks, job.bounds);
     if (!g_pool) g_pool = new Pool(g_spin_us);
-    g_pool->run(job, parts);
+    g_pool->run(job, parts, chunks);
 }
 
 // Scratch kept per calling thread: fp32 copies of bf16 activations / bias, fp32 output before rounding to bf16.
