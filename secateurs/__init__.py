@@ -2,6 +2,7 @@
 
 from secateurs.api import evaluate, prune
 from secateurs.errors import SecateursError
+from secateurs.evaluate.zeroshot import zero_shot
 from secateurs.models import find_layers, find_linears, load_model
 from secateurs.patterns import NM, parse_nm
 from secateurs.recipe import Calibration, Recipe
@@ -27,5 +28,6 @@ __all__ = [
     "prune",
     "save_sparse",
     "sparsify",
+    "zero_shot",
 ]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from secateurs import data
 from secateurs.errors import SecateursError
+from secateurs.evaluate.zeroshot import check_tasks, format_table
 
 log = logging.getLogger("secateurs")
 
@@ -56,6 +57,43 @@ def add_eval(p: argparse.ArgumentParser, default: str | None) -> None:
         default="auto",
         help="BOS at the start of each window: auto = when the tokenizer adds one by default",
     )
+
+
+def add_tasks(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tasks",
+        default=None,
+        metavar="T1,T2",
+        help="zero-shot accuracy through lm-eval (pip install 'secateurs[eval]'): comma-separated lm-eval task "
+        "names (boolq, piqa, arc_easy, hellaswag ... need the hub) or bible_next_sentence (bundled, offline)",
+    )
+    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="score the first N examples per task")
+    p.add_argument(
+        "--num-fewshot", type=_count, default=0, metavar="K", help="examples put before each question (default 0)"
+    )
+    p.add_argument(
+        "--batch-size", type=_batch_size, default=8, metavar="B", help="accuracy: requests per forward pass, or auto"
+    )
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive, _count = _at_least(1), _at_least(0)
+
+
+def _batch_size(text: str):
+    return "auto" if text == "auto" else _positive(text)
 
 
 def _windows(text: str):
@@ -135,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="refine only linears whose name matches (repeatable; default all pruned linears), e.g. '*.self_attn.*'",
     )
     add_eval(p, "bible")
-    p.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity of the dense model")
+    p.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity (and --tasks) of the dense model")
+    add_tasks(p)
     p.add_argument("--output", "-o", default=None, metavar="DIR", help="where to save the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
@@ -147,10 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common(p)
 
-    p = sub.add_parser("eval", help="perplexity of a model (paper protocol)")
+    p = sub.add_parser("eval", help="perplexity (paper protocol) and zero-shot accuracy (--tasks) of a model")
     p.add_argument("model", help="hub id, local HF folder (e.g. a pruned output), .gguf file, or smollm2-135m")
     p.add_argument("--seqlen", type=int, default=512)
     add_eval(p, "bible")
+    add_tasks(p)
     add_common(p)
 
     for name, module in _EXTRA_COMMANDS.items():
@@ -193,6 +233,22 @@ def _evaluate(model, tokenizer, args, label: str):
     return result
 
 
+def _zero_shot(model, tokenizer, args, label: str):
+    from secateurs.evaluate.zeroshot import zero_shot
+
+    result = zero_shot(
+        model,
+        tokenizer,
+        args.tasks,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    log.info("%s accuracy in %.1f s  [%s]\n%s", label, result.seconds, result.protocol, result.table())
+    return result
+
+
 def cmd_prune(args) -> dict:
     import torch
 
@@ -226,6 +282,8 @@ def cmd_prune(args) -> dict:
         data.describe_source(calibration.source)
     if do_eval:
         data.describe_source(args.eval)
+    if args.tasks:
+        args.tasks = check_tasks(args.tasks)
     if recipe.allocation.endswith(".json") and not Path(recipe.allocation).is_file():
         raise SecateursError(f"allocation file not found: {recipe.allocation}")
 
@@ -239,6 +297,7 @@ def cmd_prune(args) -> dict:
         calibration.windows(tokenizer)
 
     dense = _evaluate(model, tokenizer, args, "dense ") if do_eval and not args.no_dense_eval else None
+    dense_acc = _zero_shot(model, tokenizer, args, "dense ") if args.tasks and not args.no_dense_eval else None
     log.info(
         "pruning: %s, %s, calibration %s (%d x %d tokens, seed %d)",
         recipe.method,
@@ -253,6 +312,7 @@ def cmd_prune(args) -> dict:
         "pruned in %.1f s: sparsity %.4f over %d linears", report.prune_seconds, report.sparsity, len(report.linears)
     )
     pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None
+    pruned_acc = _zero_shot(model, tokenizer, args, "pruned") if args.tasks else None
 
     out = {
         "model": model_desc,
@@ -262,6 +322,12 @@ def cmd_prune(args) -> dict:
             "dense": dense.to_dict() if dense else None,
             "pruned": pruned.to_dict() if pruned else None,
         },
+        "zero_shot": {
+            "dense": dense_acc.to_dict() if dense_acc else None,
+            "pruned": pruned_acc.to_dict() if pruned_acc else None,
+        }
+        if args.tasks
+        else None,
         "output": str(output) if output else None,
     }
     if output:
@@ -277,6 +343,8 @@ def cmd_prune(args) -> dict:
             recipe.pattern_name,
             report.prune_seconds,
         )
+    if dense_acc and pruned_acc:
+        log.info("zero-shot accuracy, dense vs pruned:\n%s", format_table({"dense": dense_acc, "pruned": pruned_acc}))
     return out
 
 
@@ -284,13 +352,21 @@ def cmd_eval(args) -> dict:
     from secateurs.models import default_device, load_model
 
     device = default_device(args.device)
-    if not args.eval or args.eval.lower() == "none":
-        raise SecateursError("eval needs --eval SOURCE")
-    data.describe_source(args.eval)
+    do_eval = bool(args.eval) and args.eval.lower() != "none"
+    if not do_eval and not args.tasks:
+        raise SecateursError("eval needs --eval SOURCE (perplexity) or --tasks NAMES (zero-shot accuracy)")
+    if do_eval:
+        data.describe_source(args.eval)
+    if args.tasks:
+        args.tasks = check_tasks(args.tasks)
     model, tokenizer, model_desc = load_model(args.model, args.dtype)
     model.to(device)
-    result = _evaluate(model, tokenizer, args, "")
-    return {"model": model_desc, "dtype": str(model.dtype).replace("torch.", ""), **result.to_dict()}
+    out = {"model": model_desc, "dtype": str(model.dtype).replace("torch.", "")}
+    if do_eval:
+        out.update(_evaluate(model, tokenizer, args, "").to_dict())
+    if args.tasks:
+        out["zero_shot"] = _zero_shot(model, tokenizer, args, "").to_dict()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
