@@ -296,6 +296,21 @@ def test_bad_options(llama, kwargs, match):
         zero_shot(*llama, TASK, progress=False, **kwargs)
 
 
+def test_choice_longer_than_the_model_is_one_clear_error(tiny_model_dir, tmp_path):
+    (tmp_path / "long.jsonl").write_text(json.dumps({"context": "Say:", "choices": ["a" * 300, "b"], "label": 0}))
+    yaml = tmp_path / "long.yaml"
+    yaml.write_text(
+        "task: long_mc\ncustom_dataset: !function secateurs.evaluate.tasks.load_dataset\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'long.jsonl'}\n"
+        'output_type: multiple_choice\ntest_split: test\ndoc_to_text: "{{context}}"\n'
+        "doc_to_choice: choices\ndoc_to_target: label\n"
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(SecateursError, match="longer than the model's 128 positions"):
+        zero_shot(model, tokenizer, str(yaml), progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ command line
 def test_cli_eval_tasks_only(llama_dir, caplog):
     caplog.set_level(logging.INFO, logger="secateurs")

@@ -375,6 +375,13 @@ def zero_shot(
             raw = lm_eval.evaluator.evaluate(
                 lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=1000, log_samples=log_samples
             )
+    except ValueError as exc:  # lm-eval's refusals: unsafe-code tasks, multimodal tasks for a text model ...
+        raise SecateursError(f"lm-eval cannot run {', '.join(names)}: {_first_line(exc)}") from None
+    except AssertionError:  # lm-eval's own checks; the one users meet is a choice longer than the model's context
+        raise SecateursError(
+            f"lm-eval stopped on {', '.join(names)} (an internal check failed; the usual cause is an answer "
+            f"choice longer than the model's {lm.max_length} positions: lm-eval cuts contexts, never choices)"
+        ) from None
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
