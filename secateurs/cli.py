@@ -72,7 +72,11 @@ def add_tasks(p: argparse.ArgumentParser) -> None:
         "--num-fewshot", type=_count, default=0, metavar="K", help="examples put before each question (default 0)"
     )
     p.add_argument(
-        "--batch-size", type=_batch_size, default=8, metavar="B", help="accuracy: requests per forward pass, or auto"
+        "--batch-size",
+        type=_batch_size,
+        default=8,
+        metavar="B",
+        help="accuracy: requests per forward pass, or auto (default 8)",
     )
 
 
