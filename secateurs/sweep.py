@@ -253,6 +253,7 @@ class SweepFolder:
                 "owl_m": settings.get("recipe", {}).get("owl_m"),
                 "versions": dense.get("versions") if dense else None,
             },
+            title=f"secateurs sweep: {Path(settings['model']).name}",
         )
 
     def write_outputs(self, tolerance: float = DEFAULT_TOLERANCE) -> dict:
