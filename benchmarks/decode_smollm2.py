@@ -3,11 +3,12 @@
 Protocol (printed with the table): for each sparsity the dense fp32 model is loaded and pruned with Wanda
 (N seeded windows of L tokens of the bundled Shakespeare text; unstructured, per row), then saved as a sparse
 checkpoint, whose bytes are reported (decoder linear weights packed vs dense; whole folder vs the same folder
-written dense). For each dtype, ``secateurs.runtime.bench.benchmark`` loads that folder twice in one process,
+written dense). For each dtype, ``secateurs bench`` (a fresh process each time) loads that folder twice,
 dense (``load_pruned``) and sparse (``load_sparse``), same dtype and threads, and measures greedy decode
-(``generate`` of T new tokens minus ``generate`` of 1, batch 1, random prompt of P tokens), prefill (one forward
-pass of the prompt), per-shape kernel vs ``F.linear`` times, and the bandwidth bound: streaming read bandwidth
-(``sum`` over 256 MB, measured in the same run) x batch / weight bytes read per decode step.
+(T KV-cache steps after a random prompt of P tokens, batch 1; the T - 1 steps after the prefill timed),
+prefill (one forward pass of the prompt), per-shape kernel vs ``F.linear`` times, and the bandwidth bound:
+streaming read bandwidth (``sum`` over 256 MB, measured in the same run) x batch / weight bytes read per
+decode step.
 
     python benchmarks/decode_smollm2.py --json benchmarks/results/decode_smollm2.json
 """
@@ -18,6 +19,8 @@ import argparse
 import gc
 import json
 import logging
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +46,18 @@ def prune_and_save(model_name: str, sparsity: float, nsamples: int, seqlen: int,
     del model
     gc.collect()
     return {"sparsity": report.sparsity, "prune_seconds": seconds, "bytes": {"float32": sizes, "bfloat16": bf16}}
+
+
+def run_bench(folder: Path, dtype: str, args) -> dict:
+    """``secateurs bench`` in a fresh process, so the resident memory it reports is that of its two models."""
+    argv = [sys.executable, "-m", "secateurs", "bench", str(folder), "--json", "--quiet", "--dtype", dtype]
+    argv += ["--tokens", str(args.tokens), "--prompt-len", str(args.prompt_len), "--batch", str(args.batch)]
+    argv += ["--threads", str(args.threads), "--repeat", str(args.repeat), "--min-sparsity", "0"]
+    argv += ["--no-micro"] if args.no_micro else []
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"bench failed: {done.stderr.strip()}")
+    return json.loads(done.stdout)
 
 
 def main() -> None:
@@ -71,20 +86,9 @@ def main() -> None:
         folder = work / f"wanda-{round(sparsity * 100)}"
         pruned = prune_and_save(args.model, sparsity, args.nsamples, args.seqlen, folder)
         for dtype in args.dtypes.split(","):
-            result = bench.benchmark(
-                folder,
-                tokens=args.tokens,
-                prompt_len=args.prompt_len,
-                batch=args.batch,
-                threads=args.threads,
-                dtype=dtype,
-                repeat=args.repeat,
-                micro=not args.no_micro,
-                min_sparsity=0.0,
-            )
+            result = run_bench(folder, dtype, args)
             print(bench.format_table(result) + "\n", flush=True)
             runs.append({**pruned, "dtype": dtype, "bench": result})
-            gc.collect()
 
     print(
         f"SmolLM2-135M ({args.model}), Wanda on {args.nsamples} x {args.seqlen} tokens of bundled Shakespeare "

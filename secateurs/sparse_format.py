@@ -65,10 +65,6 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _dense_size(module: nn.Module) -> int:
-    return module.weight.numel() * module.weight.element_size()
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -85,11 +81,22 @@ def _tensor_key(t: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------------------ save
+def _entry(p, transposed: bool) -> dict:
+    """Metadata of one packed weight: its shape as the model holds it, orientation, dtype and nnz."""
+    return {
+        "shape": list(p.shape[::-1] if transposed else p.shape),
+        "transposed": transposed,
+        "dtype": _dtype_name(p.dtype),
+        "nnz": p.nnz,
+    }
+
+
 def _collect(model: nn.Module, min_sparsity: float | None, progress: bool):
-    """(tensors to write, packed metadata, aliases, byte counts) for ``model``."""
+    """What to write for ``model``: (tensors, packed metadata, aliases, byte counts, linears left dense)."""
     from tqdm.auto import tqdm
 
     from secateurs.runtime import kernels
+    from secateurs.runtime.linear import SparseLinear
 
     state = model.state_dict()
     owners: dict = {}
@@ -97,28 +104,25 @@ def _collect(model: nn.Module, min_sparsity: float | None, progress: bool):
         owners.setdefault(_tensor_key(t), []).append(key)
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, dict] = {}
-    sizes = {"linear_dense_bytes": 0, "linear_checkpoint_bytes": 0, "packed_dense_bytes": 0, "packed_bytes": 0}
+    sizes = dict.fromkeys(("linear_dense_bytes", "linear_checkpoint_bytes", "packed_dense_bytes", "packed_bytes"), 0)
     dense_linears = []
-    from secateurs.runtime.linear import SparseLinear
 
-    already = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
-    for name, module in already.items():  # a model already converted by sparsify / load_sparse
-        p = module.packed
+    def add_packed(name: str, p, transposed: bool) -> None:
         tensors[f"{name}.weight.mask"] = p.mask
-        tensors[f"{name}.weight.values"] = p.values[: p.nnz].clone()
+        tensors[f"{name}.weight.values"] = p.values[: p.nnz].clone()  # no padding in the file
+        packed[f"{name}.weight"] = _entry(p, transposed)
         dense = p.shape[0] * p.shape[1] * p.values.element_size()
-        size = p.mask.numel() + p.nnz * p.values.element_size()
+        size = packed_bytes(*p.shape, p.nnz, p.values.element_size())
         for field, n in (("linear_dense_bytes", dense), ("linear_checkpoint_bytes", size)):
             sizes[field] += n
         sizes["packed_dense_bytes"] += dense
         sizes["packed_bytes"] += size
-        shape = list(p.shape[::-1] if module.transposed else p.shape)
-        packed[f"{name}.weight"] = {
-            "shape": shape,
-            "transposed": module.transposed,
-            "dtype": _dtype_name(p.dtype),
-            "nnz": p.nnz,
-        }
+
+    # a model already converted by sparsify / load_sparse: its packed weights go as they are
+    already = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    for name, module in already.items():
+        add_packed(name, module.packed, module.transposed)
+    already_dense_bytes = sizes["packed_dense_bytes"]
     try:
         linears = decoder_linears(model)
     except SecateursError:
@@ -126,39 +130,26 @@ def _collect(model: nn.Module, min_sparsity: float | None, progress: bool):
             raise
         linears = {}  # every decoder linear is already sparse
     for name, module in tqdm(linears.items(), desc="packing", unit="linear", disable=not progress, leave=False):
-        key = f"{name}.weight"
         W = weight_view(module)
         dense = W.numel() * W.element_size()
-        sizes["linear_dense_bytes"] += dense
         nnz = stored_count(W)
-        sparsity = 1 - nnz / max(W.numel(), 1)
-        saved = packed_bytes(*W.shape, nnz, W.element_size()) < dense
-        wanted = saved and (min_sparsity is None or sparsity >= min_sparsity)
-        shared = len(owners.get(_tensor_key(module.weight), [])) > 1
-        if not wanted or shared or _dtype_name(W.dtype) not in PACKABLE_DTYPES:
-            if wanted and not shared:
-                log.warning("%s stays dense: packing needs float32 or bfloat16, not %s", name, _dtype_name(W.dtype))
-            sizes["linear_checkpoint_bytes"] += dense
-            dense_linears.append(name)
+        wanted = packed_bytes(*W.shape, nnz, W.element_size()) < dense and (
+            min_sparsity is None or 1 - nnz / max(W.numel(), 1) >= min_sparsity
+        )
+        shared = len(owners.get(_tensor_key(module.weight), [])) > 1  # tied to another tensor: keep it whole
+        packable = _dtype_name(W.dtype) in PACKABLE_DTYPES
+        if wanted and not shared and packable:
+            add_packed(name, kernels.pack(W.detach().cpu().contiguous()), not isinstance(module, nn.Linear))
             continue
-        p = kernels.pack(W.detach().cpu().contiguous())
-        tensors[f"{key}.mask"] = p.mask
-        tensors[f"{key}.values"] = p.values[: p.nnz].clone()
-        size = p.mask.numel() + p.nnz * W.element_size()
-        sizes["linear_checkpoint_bytes"] += size
-        sizes["packed_dense_bytes"] += dense
-        sizes["packed_bytes"] += size
-        packed[key] = {
-            "shape": list(module.weight.shape),
-            "transposed": not isinstance(module, nn.Linear),
-            "dtype": _dtype_name(W.dtype),
-            "nnz": p.nnz,
-        }
+        if wanted and not shared:
+            log.warning("%s stays dense: packing needs float32 or bfloat16, not %s", name, _dtype_name(W.dtype))
+        sizes["linear_dense_bytes"] += dense
+        sizes["linear_checkpoint_bytes"] += dense
+        dense_linears.append(name)
+    # everything else dense, each tensor once: a name sharing another's memory (tied embeddings) is an alias
     aliases: dict[str, str] = {}
-    dense_total = sizes["packed_dense_bytes"] - sum(
-        size for name, size in ((n, _dense_size(m)) for n, m in linears.items()) if f"{name}.weight" in packed
-    )
     first: dict = {}
+    dense_total = already_dense_bytes  # the model written dense, for comparison
     for key, t in state.items():
         ident = _tensor_key(t)
         if ident is not None and ident in first:
