@@ -115,7 +115,12 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "auto"):
         elif path.is_dir():
             if not (path / "config.json").exists():
                 raise SecateursError(f"{path} is not a Hugging Face model folder (no config.json)")
-            model, tokenizer = _load_folder(path, dtype)
+            from secateurs import sparse_format
+
+            if sparse_format.is_sparse_folder(path):  # compact checkpoint: unpacked to dense weights
+                model, tokenizer = sparse_format.load_pruned(path, None if dtype == "auto" else dtype)
+            else:
+                model, tokenizer = _load_folder(path, dtype)
             desc = str(path.resolve())
         elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
             raise SecateursError(f"model path {spec!r} is neither a model folder nor a .gguf file")

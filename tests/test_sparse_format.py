@@ -270,6 +270,9 @@ def test_cli_prune_save_format_sparse(tmp_path, tiny_gpt2_dir):
     back, tokenizer = load_pruned(tmp_path / "s")
     assert tokenizer is not None
     assert_bit_identical(dense, back)
+    # every command that takes a model folder reads the sparse one too
+    via_load_model, _, _ = secateurs.load_model(str(tmp_path / "s"))
+    assert_bit_identical(dense, via_load_model)
 
 
 def test_cli_compress(tmp_path, tiny_model_dir):
