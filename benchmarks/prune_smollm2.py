@@ -41,6 +41,11 @@ def main() -> None:
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--patterns", default="0.5,0.7,2:4")
     parser.add_argument("--allocations", default="uniform", help="comma list of: uniform, owl")
+    parser.add_argument("--refines", default="none", help="comma list of: none, dsnot")
+    parser.add_argument("--dsnot-cycles", type=int, default=50)
+    parser.add_argument("--dsnot-threshold", type=float, default=0.1)
+    parser.add_argument("--dsnot-power", type=float, default=1.0)
+    parser.add_argument("--dsnot-targets", default="", help="comma list of linear-name globs (default: all)")
     parser.add_argument("--owl-m", type=float, default=5.0)
     parser.add_argument("--owl-lambda", type=float, default=0.08)
     parser.add_argument("--nsamples", type=int, default=32)
@@ -72,12 +77,13 @@ def main() -> None:
     rows = [{"method": "dense", "pattern": "-", "perplexity": dense_ppl}]
     print(f"dense: ppl {dense_ppl:.3f}; one forward pass of the calibration windows: {forward_s:.1f} s", flush=True)
     grid = [
-        (method, pattern, allocation)
+        (method, pattern, allocation, refine)
         for method in args.methods.split(",")
         for allocation in args.allocations.split(",")
         for pattern in args.patterns.split(",")
+        for refine in args.refines.split(",")
     ]
-    for method, pattern, allocation in grid:
+    for method, pattern, allocation, refine in grid:
         model, tokenizer, _ = load_model(args.model, "float32")
         nm = ":" in pattern
         recipe = secateurs.Recipe(
@@ -87,13 +93,20 @@ def main() -> None:
             allocation=allocation,
             owl_m=args.owl_m,
             owl_lambda=args.owl_lambda,
+            refine=refine,
+            dsnot_cycles=args.dsnot_cycles,
+            dsnot_threshold=args.dsnot_threshold,
+            dsnot_power=args.dsnot_power,
+            dsnot_targets=[t for t in args.dsnot_targets.split(",") if t],
         )
         report = secateurs.prune(model, recipe, calib, progress=False)
         ppl = perplexity(model, evaluation, progress=False).perplexity
+        name = method if allocation == "uniform" else f"{allocation}(M {args.owl_m:g}, λ {args.owl_lambda:g})-{method}"
+        if recipe.refine:
+            name += f" + DSnoT(T {args.dsnot_cycles}, thr {args.dsnot_threshold:g}, p {args.dsnot_power:g}"
+            name += f", {args.dsnot_targets})" if args.dsnot_targets else ")"
         row = {
-            "method": method
-            if allocation == "uniform"
-            else f"{allocation}(M {args.owl_m:g}, λ {args.owl_lambda:g})-{method}",
+            "method": name,
             "pattern": pattern,
             "perplexity": ppl,
             "prune_seconds": report.prune_seconds,
