@@ -250,6 +250,10 @@ class SweepFolder:
             outlier_ratios=dense.get("outlier_ratios") if dense else None,
             settings={
                 **settings,
+                "evaluation": {
+                    **settings.get("evaluation", {}),
+                    "protocol": dense["perplexity"]["protocol"] if dense else None,
+                },
                 "owl_m": settings.get("recipe", {}).get("owl_m"),
                 "versions": dense.get("versions") if dense else None,
             },

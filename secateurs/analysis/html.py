@@ -181,9 +181,10 @@ ALLOCATION_CAPTION = (
 )
 ERROR_CAPTION = (
     "Relative output reconstruction error of each decoder layer, ‖Y_pruned − Y_dense‖² / ‖Y_dense‖², measured on "
-    "the calibration inputs as pruning walks through the model (log scale; lower is better), one panel per target. "
-    "Errors usually grow with depth and with sparsity; a line far above the others at the same target shows which "
-    "layers a method handles worst. Magnitude pruning looks at no data, so it has no such measurement."
+    "the calibration inputs as pruning walks through the model (log scale; lower is better): one panel per target with "
+    "a line per method, or one panel with a line per target when a single method has data. "
+    "Errors grow with sparsity; a layer far above its neighbours, or a method's line far above the others at the "
+    "same target, shows where pruning hurts most. Magnitude pruning looks at no data, so it has no such measurement."
 )
 
 

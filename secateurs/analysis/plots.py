@@ -149,7 +149,8 @@ def allocation_plot(results: Results) -> bytes | None:
 
 
 def error_plot(results: Results) -> bytes | None:
-    """Per-layer relative output reconstruction error (log), one panel per target, one line per series."""
+    """Per-layer relative output reconstruction error (log): one panel per target with one line per series, or,
+    when a single series has errors, one panel with one line per target (coloured by sparsity)."""
     by_target: dict[str, list[dict]] = {}
     for row in results.rows():
         cell = next(c for c in results.cells if c["key"] == row["key"])
@@ -157,16 +158,26 @@ def error_plot(results: Results) -> bytes | None:
             by_target.setdefault(row["target"], []).append(cell)
     if not by_target:
         return None
-    n = len(by_target)
+    series = {series_label(c["recipe"]) for cells in by_target.values() for c in cells}
+    if len(series) == 1:
+        (name,) = series
+        panels = {f"{name}, every target": [c for cells in by_target.values() for c in cells]}
+    else:
+        panels = {_target_title(t): cells for t, cells in by_target.items()}
+    n = len(panels)
     cols = min(3, n)
     rows_n = math.ceil(n / cols)
     fig = Figure(figsize=(10, 2.9 * rows_n + 0.8), layout="constrained")
-    axes = fig.subplots(rows_n, cols, sharex=True, sharey=True, squeeze=False)
+    axes = fig.subplots(rows_n, cols, sharey=True, squeeze=False)
     handles = {}
-    for ax, (target, cells) in zip(axes.flat, by_target.items(), strict=False):
-        for cell in cells:
+    for i, (ax, (title, cells)) in enumerate(zip(axes.flat, panels.items(), strict=False)):
+        for j, cell in enumerate(cells):
             layers = [layer for layer in cell["report"]["layers"] if layer.get("output_error") is not None]
-            style = series_style(cell["recipe"])
+            if len(series) == 1:
+                style = {"color": colormaps["viridis"](0.1 + 0.75 * j / max(len(cells) - 1, 1)), "marker": "o"}
+                label = _target_title(target_label(cell["recipe"]))
+            else:
+                style, label = series_style(cell["recipe"]), series_label(cell["recipe"])
             (line,) = ax.plot(
                 [layer["index"] for layer in layers],
                 [max(layer["output_error"], 1e-12) for layer in layers],
@@ -174,22 +185,26 @@ def error_plot(results: Results) -> bytes | None:
                 markersize=3.5,
                 **style,
             )
-            handles.setdefault(series_label(cell["recipe"]), line)
+            handles.setdefault(label, line)
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"target {target}" if ":" in target else f"target sparsity {float(target):.0%}", fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
+        if i % cols == 0:
+            ax.set_ylabel("relative output error")
+        if i + cols >= n:  # nothing below it
+            ax.set_xlabel("decoder layer")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     _plain_log_labels(axes.flat[0])
-    for ax in axes[:, 0]:
-        ax.set_ylabel("relative output error")
-    for ax in axes[-1, :]:
-        ax.set_xlabel("decoder layer")
     fig.legend(
         list(handles.values()), list(handles.keys()), loc="outside lower center", ncol=min(len(handles), 5), fontsize=9
     )
     return _png(fig)
+
+
+def _target_title(target: str) -> str:
+    return f"target {target}" if ":" in target else f"target sparsity {float(target):.0%}"
 
 
 def _plain_log_labels(ax) -> None:
