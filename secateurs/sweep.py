@@ -44,6 +44,7 @@ FORMAT = 1
 SETTINGS_NAME = "sweep.json"
 CELLS = "cells"
 DENSE_KEY = "dense"
+LOCK_NAME = ".lock"
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -158,17 +159,45 @@ class SweepFolder:
         self.path = Path(path).expanduser().absolute()
         self.cells = self.path / CELLS
 
-    def open(self, settings: dict, fresh: bool = False) -> None:
-        """Create the folder, or check that an existing one holds a sweep with the same settings."""
+    def check_not_foreign(self) -> None:
+        """Refuse a file, or a non-empty folder that holds no sweep, before creating anything."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise SecateursError(f"output {path} exists and is not a folder")
-        existing = path.is_dir() and any(path.iterdir())
-        if existing and not (path / SETTINGS_NAME).is_file():
+        if self._has_files() and not (path / SETTINGS_NAME).is_file():
             raise SecateursError(
                 f"output folder {path} is not empty and holds no sweep ({SETTINGS_NAME}); use a new one"
             )
-        if existing and not fresh:
+
+    def _has_files(self) -> bool:
+        return self.path.is_dir() and any(p.name != LOCK_NAME for p in self.path.iterdir())
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Create the folder and hold it: refuse a second sweep writing into the same folder at the same time."""
+        import fcntl
+
+        self.check_not_foreign()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_NAME, "w")
+        except OSError as exc:
+            raise SecateursError(f"cannot write the sweep folder {self.path}: {exc.strerror or exc}") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise SecateursError(f"another sweep is writing into {self.path}") from None
+            yield
+
+    def open(self, settings: dict, fresh: bool = False) -> None:
+        """Start the sweep folder (under :meth:`lock`), or check that it holds finished cells of the same settings.
+
+        A folder without finished cells (say, the model failed to load) takes the new settings silently.
+        """
+        path = self.path
+        finished = any(self.cells.glob("*.json"))
+        if finished and not fresh:
             try:
                 old = json.loads((path / SETTINGS_NAME).read_text())
             except (OSError, json.JSONDecodeError) as exc:
@@ -181,8 +210,7 @@ class SweepFolder:
                     "cells, or another --output"
                 )
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            if existing and fresh:
+            if fresh:
                 shutil.rmtree(self.cells, ignore_errors=True)
                 for name in ("results.csv", "results.json", "report.html"):
                     (path / name).unlink(missing_ok=True)
@@ -192,18 +220,6 @@ class SweepFolder:
             write_json(path / SETTINGS_NAME, {"format": FORMAT, "settings": settings})
         except OSError as exc:
             raise SecateursError(f"cannot write the sweep folder {path}: {exc.strerror or exc}") from None
-
-    @contextlib.contextmanager
-    def lock(self):
-        """Refuse a second sweep writing into the same folder at the same time."""
-        import fcntl
-
-        with open(self.path / ".lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise SecateursError(f"another sweep is writing into {self.path}") from None
-            yield
 
     def settings(self) -> dict:
         try:
@@ -368,8 +384,8 @@ class Sweep:
         device = default_device(self.device)
         settings = self.settings(recipes)
         folder = SweepFolder(self.output)
-        folder.open(settings, self.fresh)
         with folder.lock():
+            folder.open(settings, self.fresh)
             settings_hash = _digest(settings)
             done = folder.read_cells(settings_hash)
             todo = [r for r in recipes if cell_key(r) not in done]

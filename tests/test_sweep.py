@@ -313,3 +313,21 @@ def test_snapshot_restores_dense_weights(tiny_model_dir):
     assert any(not model.state_dict()[k].equal(v) for k, v in reference.items())
     restore_linears(model, saved)
     assert all(model.state_dict()[k].equal(v) for k, v in reference.items())
+
+
+def test_sweep_folder_lock_and_a_start_without_cells(tiny_model_dir, text_file, tmp_path):
+    import fcntl
+
+    out = tmp_path / "sweep"
+    grid = ["--methods", "magnitude", "--sparsities", "0.5"]
+    # a run that stopped before any cell (e.g. the model failed to load) does not pin its settings
+    (out / "cells").mkdir(parents=True)
+    (out / "sweep.json").write_text(json.dumps({"format": 1, "settings": {"model": "another"}}))
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, stderr = run_main(*sweep_args(tiny_model_dir, text_file, out, *grid))
+        assert code == 2 and "another sweep is writing into" in stderr
+    assert not any((out / "cells").iterdir())
+    code, _, stderr = run_main(*sweep_args(tiny_model_dir, text_file, out, *grid))
+    assert code == 0, stderr
+    assert json.loads((out / "sweep.json").read_text())["settings"]["model"] == str(Path(tiny_model_dir).resolve())
