@@ -288,7 +288,12 @@ class SweepFolder:
             "dense": {"perplexity": results.dense_perplexity, "outlier_ratios": results.outlier_ratios},
             "knee_tolerance": tolerance,
             "essential_sparsity": {
-                name: {"sparsity": k.sparsity, "beyond_grid": k.beyond, "perplexity_limit": k.threshold}
+                name: {
+                    "sparsity": k.sparsity,
+                    "below_grid": k.below,
+                    "beyond_grid": k.beyond,
+                    "perplexity_limit": k.threshold,
+                }
                 for name, k in knees.items()
             },
             "rows": rows,

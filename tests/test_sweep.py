@@ -233,17 +233,19 @@ def test_essential_sparsity_on_hand_made_numbers():
     t = (math.log(12) - math.log(11)) / (math.log(14.4) - math.log(11))
     assert knee == Knee(pytest.approx(0.5 + 0.1 * t), pytest.approx(12.0), False)
     assert 0.5 < knee.sparsity < 0.6
+    assert knee.exact and knee.label() == f"{knee.sparsity:.2f}"
     # a point exactly on the limit is still within it
     assert essential_sparsity([(0.5, 12.0), (0.7, 24.0)], 10.0, 0.2).sparsity == pytest.approx(0.5 + 0.2 * 0.0)
-    # already above at the first pruned point: between the dense model (0) and it
-    knee = essential_sparsity([(0.5, 100.0)], 10.0, 0.2)
-    assert knee.sparsity == pytest.approx(0.5 * math.log(1.2) / math.log(10))
+    # already above at the first pruned point: below the grid, not interpolated from the dense model
+    knee = essential_sparsity([(0.5, 100.0), (0.7, 1000.0)], 10.0, 0.2)
+    assert knee == Knee(0.5, pytest.approx(12.0), below=True) and knee.label() == "< 0.50" and not knee.exact
     # never above: the knee lies beyond the grid
     knee = essential_sparsity([(0.3, 10.5), (0.5, 11.9)], 10.0, 0.2)
     assert knee.beyond and knee.sparsity == 0.5 and knee.label() == "≥ 0.50"
     # a diverged model (inf / nan) stops the curve at the last good point
     assert essential_sparsity([(0.5, 11.0), (0.6, math.inf)], 10.0).sparsity == 0.5
     assert essential_sparsity([(0.5, 11.0), (0.6, math.nan)], 10.0).sparsity == 0.5
+    assert essential_sparsity([(0.5, math.nan)], 10.0) == Knee(0.5, pytest.approx(12.0), below=True)
     # a larger tolerance moves the knee right
     assert essential_sparsity([(0.5, 11.0), (0.6, 14.4)], 10.0, 0.3).sparsity > knee.sparsity
 

@@ -118,11 +118,20 @@ def _findings(results: Results, tolerance: float) -> str:
         items.append(f"Dense model perplexity: <b>{fmt_ppl(results.dense)}</b>.")
     knees = results.knees(tolerance) if results.kind == "sweep" else {}
     if knees:
-        ranked = sorted(knees.items(), key=lambda kv: -kv[1].sparsity)
-        text = ", ".join(f"{_e(name)} <b>{knee.label()}</b>" for name, knee in ranked)
+        text = ", ".join(f"{_e(name)} <b>{knee.label()}</b>" for name, knee in knees.items())
         items.append(
             f"Essential sparsity (perplexity stays within +{tolerance:.0%} of dense up to there): {text}. "
             "Higher is better."
+            + (
+                " “&lt; s”: already past the limit at the lowest sparsity measured; add lower sparsities to place it."
+                if any(knee.below for knee in knees.values())
+                else ""
+            )
+            + (
+                " “≥ s”: still within the limit at the highest sparsity measured."
+                if any(knee.beyond for knee in knees.values())
+                else ""
+            )
         )
     rows = results.rows()
     best = [row for row in rows if row["best"]]

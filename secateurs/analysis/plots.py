@@ -69,7 +69,7 @@ def perplexity_plot(results: Results, tolerance: float = DEFAULT_TOLERANCE) -> b
         knee = knees[name]
         label = f"{name}: essential sparsity {knee.label()}"
         ax.plot(xs, ys, label=label, linewidth=2, markersize=6, **style)
-        if not knee.beyond:
+        if knee.exact:
             ax.plot(knee.sparsity, threshold, marker="*", markersize=16, color=style["color"], markeredgecolor="black")
             ax.axvline(knee.sparsity, color=style["color"], linewidth=0.8, alpha=0.5)
     nm_rows = [r for r in rows if r["pattern"]]

@@ -6,8 +6,9 @@ its unstructured cells form a perplexity-vs-sparsity curve that starts at the de
 
 Essential sparsity (the knee): the sparsity at which a curve first rises above ``(1 + tolerance)`` times the
 dense perplexity, with the curve interpolated linearly in log-perplexity between measured sparsities. Below it
-the model is almost free to prune; above it quality falls off. If no measured point exceeds the limit, the knee
-lies beyond the largest sparsity measured (``Knee.beyond``).
+the model is almost free to prune; above it quality falls off. Only measured points are interpolated: if the
+first measured sparsity is already above the limit, the knee lies below the grid (``Knee.below``: lower
+sparsities must be measured to place it); if none is, it lies beyond the grid (``Knee.beyond``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ class Knee:
     sparsity: float
     threshold: float
     beyond: bool = False  # no measured point crossed the limit: the knee is above ``sparsity``
+    below: bool = False  # the first measured point is already above the limit: the knee is below ``sparsity``
+
+    @property
+    def exact(self) -> bool:
+        return not (self.beyond or self.below)
 
     def label(self) -> str:
-        return f"≥ {self.sparsity:.2f}" if self.beyond else f"{self.sparsity:.2f}"
+        return f"{'≥ ' if self.beyond else '< ' if self.below else ''}{self.sparsity:.2f}"
 
 
 def essential_sparsity(
@@ -39,6 +45,8 @@ def essential_sparsity(
 
     ``points`` are (sparsity, perplexity) pairs of the pruned cells (any order); the dense model is the point
     (0, ``dense``). Returns the interpolated sparsity where log-perplexity crosses log((1 + tolerance) x dense).
+    The segment from the dense model to the first measured point is not interpolated: perplexity is typically
+    flat and then bends up, so a straight line from sparsity 0 would place the knee far too low.
     """
     if dense <= 0 or tolerance < 0:
         raise ValueError(f"need a positive dense perplexity and tolerance >= 0, got {dense}, {tolerance}")
@@ -47,6 +55,8 @@ def essential_sparsity(
     for (s0, p0), (s1, p1) in zip(curve, curve[1:], strict=False):
         if not (p1 > threshold or math.isnan(p1)):
             continue
+        if s0 == 0.0:
+            return Knee(s1, threshold, below=True)
         if not math.isfinite(p1):  # a diverged model: the knee is the last good point
             return Knee(s0, threshold)
         t = (math.log(threshold) - math.log(p0)) / (math.log(p1) - math.log(p0)) if p0 < threshold else 0.0
