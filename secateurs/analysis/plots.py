@@ -142,7 +142,9 @@ def allocation_plot(results: Results) -> bytes | None:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_title("sparsity given to each layer (solid: uniform, dashed: OWL)", fontsize=10, loc="left")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, ncol=min(4, len(schedules) + (results.kind == "folder")), loc="best", framealpha=0.9)
+        ax.legend(
+            fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="target, allocation", title_fontsize=8
+        )
     axes[-1].set_xlabel("decoder layer")
     _layer_ticks(axes[-1], len(ratios) if ratios else len(next(iter(schedules.values()))[1]))
     return _png(fig)
