@@ -30,7 +30,7 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 from secateurs.runtime import kernels
-from secateurs.runtime.linear import SparseLinear
+from secateurs.runtime.linear import SparseLinear, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,7 @@ def benchmark(
     min_sparsity: float | None = None,
     micro: bool = True,
     seed: int = 0,
+    sparse_torch_threads: int | None = 1,
 ) -> dict:
     """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc."""
     from secateurs.models import default_device, resolve_dtype
@@ -278,21 +279,32 @@ def benchmark(
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
     models = {"dense": dense, "sparse": sparse}
-    for model in models.values():  # warm-up: first calls allocate caches and pick kernels
-        decode_loop(model, ids, 2, device)
+    # torch's own threads while each model runs: the sparse model's linears run on the kernel's threads, and
+    # torch's idle OpenMP workers spinning between ops would take the cores the kernel needs
+    own_threads = {"dense": torch.get_num_threads(), "sparse": sparse_torch_threads or torch.get_num_threads()}
+    if device.type != "cpu":
+        own_threads["sparse"] = own_threads["dense"]
+    for name, model in models.items():  # warm-up: first calls allocate caches and pick kernels
+        with torch_threads(own_threads[name]):
+            decode_loop(model, ids, 2, device)
     decode = {name: [] for name in models}
     prefill = {name: [] for name in models}
-    outputs = {name: generate(model, ids, tokens) for name, model in models.items()}
+    outputs = {}
+    for name, model in models.items():
+        with torch_threads(own_threads[name]):
+            outputs[name] = generate(model, ids, tokens)
     for _ in range(repeat):
         for name, model in models.items():
-            decode[name].append(decode_loop(model, ids, tokens, device)[0])
-            prefill[name].append(_prefill_seconds(model, ids, device))
+            with torch_threads(own_threads[name]):
+                decode[name].append(decode_loop(model, ids, tokens, device)[0])
+                prefill[name].append(_prefill_seconds(model, ids, device))
     result = {
         "model": str(folder),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "kernel_threads": kernels.num_threads(),
+        "sparse_torch_threads": own_threads["sparse"],
         "kernel_isa": kernels.isa() if device.type == "cpu" else "semi-structured 2:4",
         "protocol": f"batch {batch}, random prompt of {prompt_len} tokens (seed {seed}), greedy KV-cache decode "
         f"of {tokens} tokens (the {tokens - 1} steps after the prefill timed); prefill = one forward pass; "
@@ -322,7 +334,8 @@ def benchmark(
 def format_table(r: dict) -> str:
     """The result of :func:`benchmark` as a few readable lines."""
     lines = [
-        f"{r['model']}: {r['device']} {r['dtype']}, {r['threads']} threads, kernel {r['kernel_isa']}",
+        f"{r['model']}: {r['device']} {r['dtype']}, {r['threads']} threads, kernel {r['kernel_isa']} "
+        f"({r['kernel_threads']} threads; torch {r.get('sparse_torch_threads', r['threads'])} while sparse runs)",
         f"protocol: {r['protocol']}",
         f"read bandwidth {r['read_bandwidth_gbps']:.1f} GB/s; greedy tokens identical: {r['same_tokens']}",
         "",
@@ -375,6 +388,14 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed repeats, median reported (default 3)")
     p.add_argument("--min-sparsity", type=float, default=None, help="linears less sparse than this stay dense")
     p.add_argument("--no-micro", action="store_true", help="skip the per-shape microbenchmarks")
+    p.add_argument(
+        "--sparse-torch-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch's own threads while the sparse model runs (its sparse linears use the kernel's --threads); "
+        "default 1, so idle torch workers do not spin on the kernel's cores; 0 = same as --threads",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.set_defaults(run=_run)
@@ -392,6 +413,7 @@ def _run(args) -> dict:
         repeat=args.repeat,
         min_sparsity=args.min_sparsity,
         micro=not args.no_micro,
+        sparse_torch_threads=args.sparse_torch_threads,
     )
     if not args.json:
         print(format_table(result))
