@@ -333,3 +333,15 @@ def test_sweep_folder_lock_and_a_start_without_cells(tiny_model_dir, text_file, 
     code, _, stderr = run_main(*sweep_args(tiny_model_dir, text_file, out, *grid))
     assert code == 0, stderr
     assert json.loads((out / "sweep.json").read_text())["settings"]["model"] == str(Path(tiny_model_dir).resolve())
+
+
+def test_sweep_refine_axis(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "sw"
+    grid = ["--methods", "wanda", "--sparsities", "0.5", "--refine", "none,dsnot"]
+    code, stdout, stderr = run_main(*sweep_args(tiny_model_dir, text_file, out, *grid), "--json")
+    assert code == 0, stderr
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(r["refine"] for r in rows if r["method"]) == ["dsnot", "none"]
+    cell = json.loads((out / "cells" / "wanda-0.5-uniform-dsnot.json").read_text())
+    linears = [lin for layer in cell["report"]["layers"] for lin in layer["linears"]]
+    assert linears and all("dsnot" in lin["info"] for lin in linears)
