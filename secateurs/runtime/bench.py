@@ -376,7 +376,7 @@ def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(
         name,
         help="tokens/s of a pruned model on the sparse kernel vs dense, in the same process",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("model", metavar="DIR", help="a sparse checkpoint or a pruned Hugging Face folder")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per greedy decode (default 32)")
