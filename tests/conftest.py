@@ -126,3 +126,19 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "sample.txt"
     path.write_text(read_text("bible")[:6000], encoding="utf-8")
     return path
+
+
+def run_main(*argv) -> tuple[int, str, str]:
+    """``secateurs.cli.main(argv)`` in-process: (exit code, stdout, stderr). argparse errors come back as their code."""
+    import contextlib
+    import io
+
+    from secateurs import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()

@@ -7,9 +7,7 @@ no traceback, nothing on stdout, and no output folder (nor a hidden ``.OUT.parti
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import math
 import os
@@ -20,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import run_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from secateurs import cli
 from secateurs.api import evaluate, prune
 from secateurs.models import find_layers, find_linears, weight_view
 from secateurs.recipe import Calibration, Recipe
@@ -41,15 +39,6 @@ def _one_thread():
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def run_main(*argv) -> tuple[int, str, str]:
-    """``cli.main(argv)`` in-process: (exit code, stdout, stderr). argparse errors come back as their code."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def run_subprocess(*argv, timeout: float = 120) -> subprocess.CompletedProcess:

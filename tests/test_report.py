@@ -7,9 +7,7 @@ blank. Skipped only when no chromium binary is installed (``.ci/run`` installs D
 
 from __future__ import annotations
 
-import contextlib
 import html
-import io
 import json
 import re
 import shutil
@@ -17,20 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from secateurs import cli
+from conftest import run_main
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "3", "--quiet"]
-
-
-def run_main(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, tiny_model
+from conftest import FAMILIES, VOCAB, run_main, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_cli import run_main
 from transformers import AutoModelForCausalLM
 
 import secateurs

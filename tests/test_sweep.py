@@ -6,34 +6,22 @@ KeyboardInterrupt, as Ctrl-C would, in the middle of a cell.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import secateurs.api
-from secateurs import cli
 from secateurs.analysis.summary import Knee, Results, essential_sparsity
 from secateurs.errors import SecateursError
 from secateurs.recipe import Calibration, Recipe
 from secateurs.sweep import Grid, cell_key, restore_linears, settings_differences, snapshot_linears
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "3", "--quiet"]
-
-
-def run_main(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def sweep_args(model_dir, text_file, out, *grid) -> list:

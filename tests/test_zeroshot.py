@@ -7,9 +7,7 @@ after the context; acc_norm divides by the choice's length in characters, as lm-
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import logging
 import math
@@ -21,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model_dir
+from conftest import run_main, save_tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from secateurs import cli
 from secateurs.errors import SecateursError
 from secateurs.evaluate import tasks as local_tasks
 from secateurs.evaluate import zeroshot
@@ -37,14 +34,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, rea
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def run_main(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_error(code, stdout: str, stderr: str) -> str:
