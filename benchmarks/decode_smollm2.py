@@ -29,8 +29,8 @@ import torch
 
 import secateurs
 from secateurs import data
+from secateurs.checkpoint import save_sparse
 from secateurs.runtime import bench, kernels
-from secateurs.sparse_format import save_sparse
 
 
 def prune_and_save(model_name: str, sparsity: float, nsamples: int, seqlen: int, folder: Path) -> dict:

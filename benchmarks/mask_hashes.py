@@ -108,7 +108,9 @@ def main() -> int:
         saved = json.loads(Path(args.check).read_text())
         differ = [k for k in saved if k in hashes and saved[k] != hashes[k]]
         missing = [k for k in saved if k not in hashes]
-        print(f"{len(saved) - len(differ) - len(missing)} of {len(saved)} recipes identical; differ: {differ or 'none'}")
+        print(
+            f"{len(saved) - len(differ) - len(missing)} of {len(saved)} recipes identical; differ: {differ or 'none'}"
+        )
         return 1 if differ or missing else 0
     return 0
 

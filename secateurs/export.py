@@ -1,92 +1,9 @@
-"""Write a pruned model as a normal Hugging Face folder plus ``report.json``, atomically.
+"""Old home of :func:`save_pruned` and the atomic output folder, kept so existing imports still work.
 
-Everything goes to a hidden temporary folder beside the target, renamed into place only when complete, so
-an interrupted or failed run never leaves an output that looks finished.
+Saving and loading pruned models is :mod:`secateurs.checkpoint`; atomic folders are :mod:`secateurs.format.folder`.
 """
 
-from __future__ import annotations
+from secateurs.checkpoint import save_pruned, save_sparse
+from secateurs.format.folder import REPORT_NAME, AtomicFolder, check_output
 
-import json
-import os
-import secrets
-import shutil
-from pathlib import Path
-
-from secateurs.errors import SecateursError
-
-REPORT_NAME = "report.json"
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def check_output(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse a non-empty existing output (unless overwrite) or an unwritable location, before any work.
-
-    Creates nothing: missing parent folders are made when the model is saved.
-    """
-    path = Path(path).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise SecateursError(f"output {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise SecateursError(f"output folder {path} exists and is not empty (use --overwrite to replace it)")
-    base = _nearest_existing(path.parent)
-    if not base.is_dir():
-        raise SecateursError(f"cannot create output folder {path}: {base} is not a folder")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise SecateursError(f"cannot create output folder {path}: {base} is not writable")
-    return path
-
-
-class AtomicFolder:
-    """``with AtomicFolder(out) as tmp:`` write into tmp; renamed to ``out`` on success, removed on failure."""
-
-    def __init__(self, path: str | Path, overwrite: bool = False):
-        self.path = check_output(path, overwrite)
-
-    def __enter__(self) -> Path:
-        self.tmp = self.path.parent / f".{self.path.name}.partial-{secrets.token_hex(4)}"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir()  # follows the umask, unlike tempfile.mkdtemp's 0700
-        except OSError as exc:
-            raise SecateursError(f"cannot write in {self.path.parent}: {exc.strerror or exc}") from None
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
-        return False
-
-
-def save_pruned(
-    model, tokenizer, folder: str | Path, report: dict | None = None, overwrite: bool = False, save_format: str = "hf"
-) -> Path:
-    """Save model (safetensors), tokenizer and report into ``folder`` atomically.
-
-    ``save_format="sparse"`` writes the compact sparse checkpoint of :mod:`secateurs.sparse_format` instead.
-    """
-    if save_format == "sparse":
-        from secateurs.sparse_format import save_sparse
-
-        save_sparse(model, tokenizer, folder, report, overwrite=overwrite)
-        return Path(folder)
-    if save_format != "hf":
-        raise SecateursError(f"unknown save format {save_format!r}: use hf or sparse")
-    try:
-        with AtomicFolder(folder, overwrite) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            if report is not None:
-                (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    except OSError as exc:
-        raise SecateursError(f"cannot save to {folder}: {exc.strerror or exc}") from None
-    return Path(folder)
+__all__ = ["REPORT_NAME", "AtomicFolder", "check_output", "save_pruned", "save_sparse"]

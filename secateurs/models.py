@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from secateurs import loading
+from secateurs.dtypes import DTYPES, resolve_dtype  # noqa: F401 (DTYPES: re-exported)
 from secateurs.errors import SecateursError
 
 log = logging.getLogger(__name__)
@@ -20,28 +22,10 @@ DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_ALIASES = {"smollm2-135m", "smollm2", "default", "SmolLM2-135M-Instruct"}
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
 
 def cache_dir() -> Path:
     """Where converted models are cached (``$SECATEURS_CACHE``, else ``~/.cache/secateurs``)."""
     return Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype or "auto"
-    if dtype not in DTYPES:
-        raise SecateursError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _drop_gguf_quantizer(model) -> None:
@@ -115,10 +99,8 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "auto"):
         elif path.is_dir():
             if not (path / "config.json").exists():
                 raise SecateursError(f"{path} is not a Hugging Face model folder (no config.json)")
-            from secateurs import sparse_format
-
-            if sparse_format.is_sparse_folder(path):  # compact checkpoint: unpacked to dense weights
-                model, tokenizer = sparse_format.load_pruned(path, None if dtype == "auto" else dtype)
+            if loading.is_sparse_folder(path):  # compact checkpoint: unpacked to dense weights
+                model, tokenizer = loading.load_pruned(path, None if dtype == "auto" else dtype)
             else:
                 model, tokenizer = _load_folder(path, dtype)
             desc = str(path.resolve())
@@ -176,6 +158,16 @@ def weight_view(module: nn.Module) -> torch.Tensor:
     """The weight as [out_features, in_features] (Conv1D stores it transposed); a view, so edits stick."""
     W = module.weight.data
     return W if isinstance(module, nn.Linear) else W.t()
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear / Conv1D inside the decoder layers, by full module name."""
+    layers_name, layers = find_layers(model)
+    return {
+        f"{layers_name}.{index}.{name}": module
+        for index, layer in enumerate(layers)
+        for name, module in find_linears(layer).items()
+    }
 
 
 def check_seqlen(model: nn.Module, seqlen: int) -> None:

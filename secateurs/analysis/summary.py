@@ -74,9 +74,17 @@ def series_label(recipe: dict) -> str:
     parts = [recipe["method"]]
     if recipe.get("allocation", "uniform") != "uniform":
         parts.append(allocation_label(recipe["allocation"]))
-    if recipe.get("refine"):
-        parts.append(recipe["refine"])
+    for stage in ("refine", "update"):
+        if recipe.get(stage):
+            parts.append(recipe[stage])
     return " + ".join(parts)
+
+
+def owl_m(recipe: dict) -> float | None:
+    """OWL's outlier threshold M in a recipe dict (current or flat legacy form), None when not OWL."""
+    if recipe.get("allocation") != "owl":
+        return None
+    return (recipe.get("options") or {}).get("allocation", {}).get("m", recipe.get("owl_m"))
 
 
 def target_label(recipe: dict) -> str:
@@ -120,6 +128,7 @@ class Results:
                     "method": recipe["method"],
                     "allocation": allocation_label(recipe.get("allocation", "uniform")),
                     "refine": recipe.get("refine") or "none",
+                    "update": recipe.get("update") or "none",
                     "target": target_label(recipe),
                     "pattern": recipe.get("pattern"),
                     "sparsity_target": recipe["sparsity"],

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 
+from secateurs.data.bundled import BUNDLED
 from secateurs.errors import SecateursError
 
 PROBE_TIMEOUT_S = 4.0
@@ -74,8 +75,6 @@ def describe(name: str, split: str | None) -> str:
 
 
 def _offline_message(name: str, reason: str) -> str:
-    from secateurs.data import BUNDLED
-
     return (
         f"source '{name}' needs the Hugging Face hub (pip install datasets; network access) but {reason}; "
         f"for offline use give a local .txt/.jsonl file or a bundled corpus: {', '.join(BUNDLED)}"

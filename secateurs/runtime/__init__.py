@@ -11,7 +11,7 @@ from secateurs.runtime.kernels import (
     spmm,
     unpack,
 )
-from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify  # noqa: F401 (public names)
+from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify, to_sparse_linears  # noqa: F401 (public names)
 
 __all__ = [
     "PackedWeight",

@@ -13,6 +13,8 @@ Both models have the same weights, dtype and threads. Measured, dense and sparse
   (measured here, ``sum`` over a large buffer) × batch / weight bytes per step (the embedding table counts only
   when it is also the LM head; the KV cache is left out).
 
+The measuring tools themselves (timing, byte accounting, decoding loops) are in :mod:`secateurs.runtime.timing`.
+
 On CUDA (``--device cuda``) the sparse model is the 2:4 semi-structured one of :mod:`secateurs.runtime.cuda`.
 """
 
@@ -21,202 +23,30 @@ from __future__ import annotations
 import gc
 import logging
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from secateurs import loading
 from secateurs.errors import SecateursError
-from secateurs.runtime import kernels
-from secateurs.runtime.linear import SparseLinear, torch_threads
+from secateurs.measure import versions
+from secateurs.models import default_device, load_model, resolve_dtype
+from secateurs.runtime import kernels, timing
+from secateurs.runtime.cuda import to_semi_structured
+from secateurs.runtime.linear import SparseLinear, load_sparse, torch_threads
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device: torch.device | None = None, repeat: int = 5, min_sample: float = 0.005) -> float:
-    """Median seconds per call of ``fn()``, each sample looping long enough (>= min_sample) to time reliably."""
-    device = device or torch.device("cpu")
-    fn()
-    _sync(device)
-    loops = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_sample or loops >= 1 << 16:
-            break
-        loops *= 2 if elapsed > min_sample / 8 else 8
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        _sync(device)
-        samples.append((time.perf_counter() - start) / loops)
-    return statistics.median(samples)
-
-
-def read_bandwidth(nbytes: int = 256 << 20, device: torch.device | None = None, repeat: int = 5) -> float:
-    """Streaming read bandwidth in bytes/s: ``sum`` over a buffer much larger than the caches."""
-    buffer = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    return nbytes / time_call(buffer.sum, device, repeat=repeat, min_sample=0.0)
-
-
-# ------------------------------------------------------------------------------------------------- accounting
-def _address(t: torch.Tensor):
-    try:
-        return (t.device, t.data_ptr())
-    except RuntimeError:  # a tensor subclass without storage of its own (semi-structured sparse)
-        return ("object", id(t))
-
-
-def _unique_tensors(model: nn.Module):
-    seen = set()
-    for t in [*model.parameters(), *model.buffers()]:
-        if _address(t) not in seen:
-            seen.add(_address(t))
-            yield t
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds; for a semi-structured sparse tensor, its packed values and metadata."""
-    inner = [getattr(t, name, None) for name in ("packed", "meta", "packed_t", "meta_t")]
-    inner = [x for x in inner if isinstance(x, torch.Tensor)]
-    if inner:
-        return sum(x.numel() * x.element_size() for x in inner)
-    return t.numel() * t.element_size()
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor the model holds (tied ones once), packed weights included."""
-    total = sum(_nbytes(t) for t in _unique_tensors(model))
-    return total + sum(m.nbytes for m in model.modules() if isinstance(m, SparseLinear))
-
-
-def step_bytes(model: nn.Module) -> int:
-    """Weight bytes one decode step reads: everything but the embedding tables (a row each) unless one is the LM
-    head; packed weights as their values and mask (the padding is never read)."""
-    output = model.get_output_embeddings()
-    head = output.weight if output is not None else None
-    skip = {
-        _address(m.weight)
-        for m in model.modules()
-        if isinstance(m, nn.Embedding) and (head is None or _address(m.weight) != _address(head))
-    }
-    total = sum(_nbytes(t) for t in _unique_tensors(model) if _address(t) not in skip)
-    return total + sum(m.packed.nbytes for m in model.modules() if isinstance(m, SparseLinear))
-
-
-def _rss() -> int:
-    from secateurs.report import rss_bytes
-
-    gc.collect()
-    return rss_bytes()
-
-
-# ---------------------------------------------------------------------------------------------------- decoding
-def _generation_config(model: nn.Module, new_tokens: int):
-    from transformers import GenerationConfig
-
-    eos = getattr(model.generation_config, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
-    pad = eos[0] if isinstance(eos, list) else eos
-    return GenerationConfig(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=pad if pad is not None else 0,
-    )
-
-
-def generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy generation of exactly ``new_tokens`` tokens (the new ones only)."""
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            generation_config=_generation_config(model, new_tokens),
-        )
-    return out[:, ids.shape[1] :]
-
-
-def decode_loop(model: nn.Module, ids: torch.Tensor, tokens: int, device=None) -> tuple[float, torch.Tensor]:
-    """Greedy decoding by hand with the KV cache: (seconds of the ``tokens - 1`` steps after the prefill, the
-    ``tokens`` new tokens). Timing the steps alone needs no subtraction, so it stays exact for short runs."""
-    device = device or ids.device
-    with torch.inference_mode():
-        out = model(ids, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        new = [token]
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(tokens - 1):
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            new.append(token)
-        _sync(device)
-        return time.perf_counter() - start, torch.cat(new, 1)
-
-
-def _prefill_seconds(model, ids, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(ids, use_cache=False)
-    _sync(device)
-    return time.perf_counter() - start
-
-
-# ----------------------------------------------------------------------------------------------- per shape
-def microbench(model: nn.Module, dtype: torch.dtype, batch: int, prefill: int, repeat: int = 5) -> list[dict]:
-    """For each weight shape among the model's sparse linears: our kernel vs ``F.linear`` (dense), seconds per call,
-    at ``batch`` rows (decode) and ``prefill`` rows; ``count`` is how many linears have that shape."""
-    by_shape: dict[tuple, list[SparseLinear]] = {}
-    for module in model.modules():
-        if isinstance(module, SparseLinear):
-            by_shape.setdefault(module.packed.shape, []).append(module)
-    rows = []
-    for shape, modules in sorted(by_shape.items()):
-        module = modules[len(modules) // 2]  # a layer from the middle of the stack
-        p = module.packed
-        W = kernels.unpack(p).to(dtype)
-        row = {"shape": list(shape), "count": len(modules), "density": p.density}
-        for label, n in (("decode", batch), ("prefill", prefill)):
-            x = torch.randn(n, shape[1]).to(dtype)
-            sparse = time_call(lambda x=x, p=p: kernels.spmm(x, p), repeat=repeat)
-            dense = time_call(lambda x=x, W=W: F.linear(x, W), repeat=repeat)
-            row[label] = {"rows": n, "sparse_s": sparse, "dense_s": dense, "speedup": dense / sparse}
-        row["decode"]["sparse_gbps"] = p.nbytes / row["decode"]["sparse_s"] / 1e9
-        row["decode"]["dense_gbps"] = W.numel() * W.element_size() / row["decode"]["dense_s"] / 1e9
-        rows.append(row)
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------------- main
 def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | None):
     """(sparse model, dense model, tokenizer, rss added by each)."""
-    from secateurs import sparse_format
-    from secateurs.models import load_model
-    from secateurs.runtime.linear import load_sparse
 
     def dense_load():
-        if sparse_format.is_sparse_folder(folder):
-            return sparse_format.load_pruned(folder, dtype)[0]
+        if loading.is_sparse_folder(folder):
+            return loading.load_pruned(folder, dtype)[0]
         return load_model(str(folder), dtype or "auto")[0]
 
     if device.type == "cuda":  # memory: what each model added to the CUDA allocator
-        from secateurs.runtime.cuda import to_semi_structured
-
         before = torch.cuda.memory_allocated(device)
         sparse = dense_load().to(device, dtype or torch.bfloat16)
         summary = to_semi_structured(sparse)
@@ -226,14 +56,14 @@ def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | 
         added = {"sparse": middle - before, "dense": torch.cuda.memory_allocated(device) - middle}
         return sparse, dense, None, added, summary
     # one-time costs (the model's modules imported, the tokenizer) before memory is counted
-    sparse_format._skeleton(folder, torch.float32)
-    sparse_format.load_tokenizer(folder)
-    rss = _rss()
+    loading.empty_model(folder, torch.float32)
+    loading.load_tokenizer(folder)
+    rss = timing.rss()
     sparse, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity)
-    rss_sparse = _rss() - rss
-    rss = _rss()
+    rss_sparse = timing.rss() - rss
+    rss = timing.rss()
     dense = dense_load()
-    rss_dense = _rss() - rss
+    rss_dense = timing.rss() - rss
     converted = sum(isinstance(m, SparseLinear) for m in sparse.modules())
     if not converted:
         raise SecateursError(f"{folder}: no linear is sparse enough to run on the sparse kernel")
@@ -256,9 +86,6 @@ def benchmark(
     sparse_torch_threads: int | None = 1,
 ) -> dict:
     """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc."""
-    from secateurs.models import default_device, resolve_dtype
-    from secateurs.report import versions
-
     if tokens < 2 or prompt_len < 1 or batch < 1 or repeat < 1:
         raise SecateursError("need --tokens >= 2, --prompt-len >= 1, --batch >= 1 and --repeat >= 1")
     folder = Path(folder).expanduser()
@@ -272,7 +99,7 @@ def benchmark(
             raise SecateursError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     kernels.set_num_threads(threads)
-    bandwidth = read_bandwidth(device=device)
+    bandwidth = timing.read_bandwidth(device=device)
     sparse, dense, _, rss, conversion = _load_pair(folder, dtype, device, min_sparsity)
     dtype = next(dense.parameters()).dtype
     vocab = dense.get_input_embeddings().num_embeddings
@@ -286,18 +113,18 @@ def benchmark(
         own_threads["sparse"] = own_threads["dense"]
     for name, model in models.items():  # warm-up: first calls allocate caches and pick kernels
         with torch_threads(own_threads[name]):
-            decode_loop(model, ids, 2, device)
+            timing.decode_loop(model, ids, 2, device)
     decode = {name: [] for name in models}
     prefill = {name: [] for name in models}
     outputs = {}
     for name, model in models.items():
         with torch_threads(own_threads[name]):
-            outputs[name] = generate(model, ids, tokens)
+            outputs[name] = timing.generate(model, ids, tokens)
     for _ in range(repeat):
         for name, model in models.items():
             with torch_threads(own_threads[name]):
-                decode[name].append(decode_loop(model, ids, tokens, device)[0])
-                prefill[name].append(_prefill_seconds(model, ids, device))
+                decode[name].append(timing.decode_loop(model, ids, tokens, device)[0])
+                prefill[name].append(timing.prefill_seconds(model, ids, device))
     result = {
         "model": str(folder),
         "device": str(device),
@@ -315,11 +142,11 @@ def benchmark(
         "versions": versions(),
     }
     for name, model in models.items():
-        per_step = step_bytes(model)
+        per_step = timing.step_bytes(model)
         result[name] = {
             "decode_tokens_per_s": (tokens - 1) * batch / statistics.median(decode[name]),
             "prefill_tokens_per_s": prompt_len * batch / statistics.median(prefill[name]),
-            "weight_bytes": weight_bytes(model),
+            "weight_bytes": timing.weight_bytes(model),
             "memory_added_bytes": rss[name],  # RSS on CPU, CUDA allocator on GPU
             "bytes_per_decode_step": per_step,
             "bandwidth_bound_tokens_per_s": bandwidth * batch / per_step,
@@ -327,7 +154,7 @@ def benchmark(
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "bandwidth_bound_tokens_per_s"):
         result[f"speedup_{key.removesuffix('_tokens_per_s')}"] = result["sparse"][key] / result["dense"][key]
     if micro and device.type == "cpu":
-        result["shapes"] = microbench(sparse, dtype, batch, batch * prompt_len)
+        result["shapes"] = timing.microbench(sparse, dtype, batch, batch * prompt_len)
     return result
 
 

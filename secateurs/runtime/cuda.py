@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from secateurs.errors import SecateursError
+from secateurs.models import decoder_linears, weight_view
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     """An nn.Linear computing what ``module`` (Linear or Conv1D) computes, sharing nothing it does not need."""
     if isinstance(module, nn.Linear):
         return module
-    from secateurs.models import weight_view
-
     W = weight_view(module)
     linear = nn.Linear(W.shape[1], W.shape[0], bias=module.bias is not None, device="meta")
     linear.weight = nn.Parameter(W.contiguous(), requires_grad=False)
@@ -63,8 +62,6 @@ def to_semi_structured(model: nn.Module) -> dict:
     Returns ``{"converted": n, "dense": {name: why}}``. Raises SecateursError when the device cannot, or when no
     linear is 2:4 sparse (the model was not pruned with ``--pattern 2:4``).
     """
-    from secateurs.sparse_format import decoder_linears
-
     param = next(model.parameters())
     why = semi_structured_support(param.device)
     if why:

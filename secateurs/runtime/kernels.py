@@ -3,8 +3,8 @@
 Format of a pruned weight ``W [out, in]`` (``y = x @ W.T``):
 
 - ``mask``: uint8 ``[out, ceil(in / 8)]``; bit ``j % 8`` (LSB first) of byte ``j // 8`` of row ``o`` is set iff
-  ``W[o, j]`` is stored. A weight is stored iff its bit pattern is non-zero, so ``-0.0`` survives and
-  :func:`unpack` gives back exactly what :func:`pack` was given.
+  ``W[o, j]`` is stored (packed by :mod:`secateurs.format.bits`). A weight is stored iff its bit pattern is
+  non-zero, so ``-0.0`` survives and :func:`unpack` gives back exactly what :func:`pack` was given.
 - ``values``: the stored weights in row-major order (float32 or bfloat16), followed here by zero padding so the
   SIMD kernel may load a full vector past the last value.
 - ``row_offsets``: int64 ``[out + 1]``, where each row's values start (prefix sums of per-row popcounts).
@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from secateurs.format.bits import pack_mask, packed_width, row_counts, stored_bits, unpack_mask
 
 try:  # the extension is optional: a machine without a compiler still installs and runs the torch path
     from secateurs import _sparse_kernel as _native
@@ -92,12 +93,6 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"weight must be on the CPU, got {weight.device}")
 
 
-def _stored_bits(weight: torch.Tensor) -> torch.Tensor:
-    """Bool [out, in]: True where the weight's bit pattern is non-zero (-0.0 counts as stored)."""
-    as_int = torch.int32 if weight.dtype == torch.float32 else torch.int16
-    return weight.contiguous().view(as_int) != 0
-
-
 def _with_padding(values: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(values.numel() + PAD_VALUES, dtype=values.dtype)
     out[: values.numel()] = values
@@ -114,8 +109,8 @@ def pack(weight: torch.Tensor) -> PackedWeight:
     """Compress a 2-D float32/bfloat16 CPU weight: keep the entries whose bit pattern is non-zero."""
     _check_weight(weight)
     out, cols = weight.shape
-    bits = _stored_bits(weight)
-    mask = torch.from_numpy(np.packbits(bits.numpy(), axis=1, bitorder="little").reshape(out, (cols + 7) // 8))
+    bits = stored_bits(weight)
+    mask = pack_mask(bits)
     values = weight.contiguous()[bits]
     offsets = _offsets(bits.sum(1))
     return PackedWeight((out, cols), mask, _with_padding(values), offsets, values.numel())
@@ -134,7 +129,7 @@ def from_parts(mask: torch.Tensor, values: torch.Tensor, shape) -> PackedWeight:
         raise ValueError(f"shape must be non-negative, got {(out, cols)}")
     if not isinstance(mask, torch.Tensor) or not isinstance(values, torch.Tensor):
         raise ValueError("mask and values must be torch tensors")
-    nbytes = (cols + 7) // 8
+    nbytes = packed_width(cols)
     if mask.dtype != torch.uint8:
         raise ValueError(f"mask dtype must be uint8, got {mask.dtype}")
     if tuple(mask.shape) != (out, nbytes):
@@ -146,28 +141,17 @@ def from_parts(mask: torch.Tensor, values: torch.Tensor, shape) -> PackedWeight:
     if mask.device.type != "cpu" or values.device.type != "cpu":
         raise ValueError("mask and values must be on the CPU")
     mask = mask.contiguous()
-    bits = np.unpackbits(mask.numpy(), axis=1, bitorder="little") if out else np.zeros((0, nbytes * 8), np.uint8)
-    if bits[:, cols:].any():
-        raise ValueError(f"mask has bits set past column {cols} (the last byte of a row must be zero-padded)")
-    counts = torch.from_numpy(bits.sum(1, dtype=np.int64))
+    counts = row_counts(mask, cols)
     nnz = int(counts.sum())
     if values.numel() != nnz:
         raise ValueError(f"mask marks {nnz} stored weights but values holds {values.numel()}")
     return PackedWeight((out, cols), mask, _with_padding(values), _offsets(counts), nnz)
 
 
-def _dense_bits(p: PackedWeight) -> torch.Tensor:
-    out, cols = p.shape
-    if out == 0 or cols == 0:
-        return torch.zeros(out, cols, dtype=torch.bool)
-    bits = np.unpackbits(p.mask.numpy(), axis=1, count=cols, bitorder="little")
-    return torch.from_numpy(bits).view(torch.bool)
-
-
 def unpack(p: PackedWeight) -> torch.Tensor:
     """The dense ``[out, in]`` weight, bit-identical to what was packed (pruned entries are +0.0)."""
     dense = torch.zeros(p.shape, dtype=p.dtype)
-    dense.masked_scatter_(_dense_bits(p), p.values[: p.nnz])
+    dense.masked_scatter_(unpack_mask(p.mask, p.shape[1]), p.values[: p.nnz])
     return dense
 
 

@@ -1,6 +1,6 @@
 """Sparse linears for inference: the pruned weights stay packed in memory and the kernel multiplies with them.
 
-``sparsify(model)`` swaps the decoder linears of a loaded pruned model for :class:`SparseLinear` in place;
+``to_sparse_linears(model)`` swaps the decoder linears of a loaded pruned model for :class:`SparseLinear` in place;
 ``load_sparse(folder)`` builds the model straight from a sparse checkpoint (never holding the dense weights) or
 from a pruned Hugging Face folder. Either way ``model.generate`` works as usual.
 """
@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from secateurs import loading
 from secateurs.errors import SecateursError
+from secateurs.format.bits import stored_count
+from secateurs.format.sparse import PACKABLE_DTYPES
+from secateurs.models import decoder_linears, load_model, weight_view
 from secateurs.runtime import kernels
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,6 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_dense(cls, module: nn.Module) -> SparseLinear:
         """Pack an nn.Linear (or Conv1D) as it is; the weight must be float32 or bfloat16 on the CPU."""
-        from secateurs.models import weight_view
-
         W = weight_view(module).detach()
         bias = None if module.bias is None else module.bias.detach()
         return cls(kernels.pack(W.contiguous()), bias, transposed=not isinstance(module, nn.Linear))
@@ -83,24 +86,22 @@ def _threshold(min_sparsity: float | None) -> float:
     return value
 
 
-def sparsify(
+def to_sparse_linears(
     model: nn.Module, min_sparsity: float | None = None, threads: int | None = None, progress: bool = False
 ) -> dict:
     """Replace, in place, every decoder linear at least ``min_sparsity`` sparse by a :class:`SparseLinear`.
 
+    The model is already pruned; this changes how its linears are held and multiplied, not their values.
     Returns a summary: how many linears were converted or left dense, and the bytes of their weights before and
     after. The model must be on the CPU in float32 or bfloat16 (linears in other dtypes stay dense).
     """
     from tqdm.auto import tqdm
 
-    from secateurs.models import weight_view
-    from secateurs.sparse_format import PACKABLE_DTYPES, decoder_linears, stored_count
-
     threshold = _threshold(min_sparsity)
     if threads is not None:
         kernels.set_num_threads(threads)
     summary = {"converted": 0, "dense": [], "dense_bytes": 0, "sparse_bytes": 0}
-    for name, module in tqdm(decoder_linears(model).items(), desc="sparsify", disable=not progress, leave=False):
+    for name, module in tqdm(decoder_linears(model).items(), desc="sparse linears", disable=not progress, leave=False):
         W = weight_view(module)
         sparsity = 1 - stored_count(W) / max(W.numel(), 1)
         packable = str(W.dtype).removeprefix("torch.") in PACKABLE_DTYPES and W.device.type == "cpu"
@@ -122,6 +123,14 @@ def sparsify(
     return summary
 
 
+def sparsify(
+    model: nn.Module, min_sparsity: float | None = None, threads: int | None = None, progress: bool = False
+) -> dict:
+    """Deprecated name of :func:`to_sparse_linears` (it never made a model sparse, only its linears packed)."""
+    warnings.warn("sparsify is deprecated: use to_sparse_linears", DeprecationWarning, stacklevel=2)
+    return to_sparse_linears(model, min_sparsity, threads, progress)
+
+
 def load_sparse(
     folder: str | Path,
     threads: int | None = None,
@@ -132,33 +141,32 @@ def load_sparse(
     """(model, tokenizer) ready for ``model.generate``, with the sparse linears running on the sparse kernel.
 
     ``folder`` is a sparse checkpoint (``secateurs compress`` / ``prune --save-format sparse``: the dense weights
-    of packed linears are never allocated) or a pruned Hugging Face folder (loaded, then :func:`sparsify`).
+    of packed linears are never allocated) or a pruned Hugging Face folder (loaded, then :func:`to_sparse_linears`).
     Packed linears less than ``min_sparsity`` sparse are unpacked to dense ones. ``threads``: the kernel's threads
     (default: torch's). ``dtype`` converts the model (e.g. bfloat16) instead of keeping the stored dtype.
     """
-    from secateurs import sparse_format
-    from secateurs.models import load_model
-
     threshold = _threshold(min_sparsity)
     if threads is not None:
         kernels.set_num_threads(threads)
-    if not sparse_format.is_sparse_folder(folder):
+    if not loading.is_sparse_folder(folder):
         model, tokenizer, _ = load_model(str(folder), dtype or "auto")
-        sparsify(model, threshold)
+        to_sparse_linears(model, threshold)
         return model, tokenizer
-    model, packed, tokenizer = sparse_format.read_sparse(folder, dtype)
+    model, packed, tokenizer = loading.read_sparse(folder, dtype)
     converted = 0
-    for name, (p, transposed) in packed.items():
+    for name, p in packed.items():
         module = model.get_submodule(name)
-        if 1 - p.density < threshold:
-            W = kernels.unpack(p)
-            module.weight = nn.Parameter(W.t().contiguous() if transposed else W)
+        if 1 - p.nnz / max(p.shape[0] * p.shape[1], 1) < threshold:
+            module.weight = nn.Parameter(p.to_held())
             continue
-        bias = getattr(module, "bias", None)
-        _replace(model, name, SparseLinear(p, bias, transposed))
+        try:
+            weight = kernels.from_parts(p.mask, p.values, p.shape)
+        except ValueError as exc:
+            raise SecateursError(f"{folder}: cannot run {name} on the sparse kernel: {exc}") from None
+        _replace(model, name, SparseLinear(weight, getattr(module, "bias", None), p.transposed))
         converted += 1
     log.info("loaded %s: %d sparse linears, %d packed ones unpacked", folder, converted, len(packed) - converted)
-    return sparse_format.check_loaded(model), tokenizer
+    return loading.check_loaded(model), tokenizer
 
 
 @contextlib.contextmanager

@@ -1,0 +1,344 @@
+"""Save and load pruned models: a normal Hugging Face folder or the compact sparse one, and ``secateurs compress``.
+
+Either way the folder gets the tokenizer, ``report.json`` and, when given, the pruning masks
+(``masks.safetensors``, 1 bit per weight), all written atomically (see :mod:`secateurs.format.folder`). Reading
+back (:func:`load_pruned`, :func:`load_masks`, :func:`read_sparse`) lives in :mod:`secateurs.loading`, below
+model loading, and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from secateurs.errors import SecateursError
+from secateurs.format.bits import packed_bytes, stored_count
+from secateurs.format.folder import REPORT_NAME, AtomicFolder, check_output, folder_bytes
+from secateurs.format.masks import MASKS_NAME, save_masks
+from secateurs.format.sparse import (
+    FORMAT,
+    FORMAT_VERSION,
+    PACKABLE_DTYPES,
+    WEIGHTS_NAME,
+    PackedTensor,
+    dtype_name,
+    write_sparse,
+)
+from secateurs.loading import is_sparse_folder, load_masks, load_pruned, read_sparse
+from secateurs.models import PRUNABLE, decoder_linears, load_model, weight_view
+from secateurs.runtime.linear import SparseLinear
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AtomicFolder",
+    "REPORT_NAME",
+    "add_parser",
+    "check_output",
+    "compress",
+    "is_sparse_folder",
+    "load_masks",
+    "load_pruned",
+    "read_sparse",
+    "save_pruned",
+    "save_sparse",
+]
+
+
+# ------------------------------------------------------------------------------------------------------ masks
+def _check_masks(model: nn.Module, masks) -> None:
+    """Refuse masks that do not name a linear of ``model`` with its [out, in] shape (before anything is written)."""
+    if not isinstance(masks, Mapping):
+        raise SecateursError(f"masks must be a dict of linear name -> bool tensor, not {type(masks).__name__}")
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        module = modules.get(name)
+        if isinstance(module, SparseLinear):
+            shape = (module.out_features, module.in_features)
+        elif isinstance(module, PRUNABLE):
+            shape = tuple(weight_view(module).shape)
+        else:
+            raise SecateursError(f"mask {name!r} does not name a linear of this model")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise SecateursError(f"mask {name!r} must be a 2-D bool tensor [out, in] (True = pruned), got {got}")
+        if tuple(mask.shape) != shape:
+            raise SecateursError(f"mask {name!r} is {list(mask.shape)}, the linear's weight is [out, in] {list(shape)}")
+
+
+def _write_extras(tmp: Path, tokenizer, report: dict | None, masks) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if report is not None:
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    if masks is not None:
+        save_masks(tmp / MASKS_NAME, masks)
+
+
+# --------------------------------------------------------------------------------------------- Hugging Face
+def save_pruned(
+    model,
+    tokenizer,
+    folder: str | Path,
+    report: dict | None = None,
+    overwrite: bool = False,
+    save_format: str = "hf",
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save model (safetensors), tokenizer, report and ``masks`` ({linear: bool [out, in], True = pruned}) into
+    ``folder`` atomically. ``save_format="sparse"`` writes the compact sparse checkpoint (:func:`save_sparse`)."""
+    if save_format == "sparse":
+        save_sparse(model, tokenizer, folder, report, overwrite=overwrite, masks=masks)
+        return Path(folder)
+    if save_format != "hf":
+        raise SecateursError(f"unknown save format {save_format!r}: use hf or sparse")
+    if masks is not None:
+        _check_masks(model, masks)
+    try:
+        with AtomicFolder(folder, overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _write_extras(tmp, tokenizer, report, masks)
+    except OSError as exc:
+        raise SecateursError(f"cannot save to {folder}: {exc.strerror or exc}") from None
+    return Path(folder)
+
+
+# ------------------------------------------------------------------------------------------------------ sparse
+def _tensor_key(t: torch.Tensor):
+    """Identity of a tensor's memory: tied parameters share it."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _collect(model: nn.Module, min_sparsity: float | None, progress: bool):
+    """What to write for ``model``: (tensors, dense and packed by name; aliases; byte counts; linears left dense)."""
+    from tqdm.auto import tqdm
+
+    state = model.state_dict()
+    owners: dict = {}
+    for key, t in state.items():
+        owners.setdefault(_tensor_key(t), []).append(key)
+    tensors: dict[str, torch.Tensor | PackedTensor] = {}
+    sizes = dict.fromkeys(("linear_dense_bytes", "linear_checkpoint_bytes", "packed_dense_bytes", "packed_bytes"), 0)
+    dense_linears = []
+
+    def add_packed(name: str, p: PackedTensor) -> None:
+        tensors[f"{name}.weight"] = p
+        itemsize = p.values.element_size()
+        dense = p.shape[0] * p.shape[1] * itemsize
+        size = packed_bytes(*p.shape, p.nnz, itemsize)
+        for field, n in (("linear_dense_bytes", dense), ("linear_checkpoint_bytes", size)):
+            sizes[field] += n
+        sizes["packed_dense_bytes"] += dense
+        sizes["packed_bytes"] += size
+
+    # a model already converted by to_sparse_linears / load_sparse: its packed weights go as they are
+    already = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    for name, module in already.items():
+        p = module.packed
+        add_packed(name, PackedTensor(p.mask, p.values[: p.nnz].clone(), p.shape, module.transposed))
+    already_dense_bytes = sizes["packed_dense_bytes"]
+    try:
+        linears = decoder_linears(model)
+    except SecateursError:
+        if not already:
+            raise
+        linears = {}  # every decoder linear is already sparse
+    for name, module in tqdm(linears.items(), desc="packing", unit="linear", disable=not progress, leave=False):
+        W = weight_view(module)
+        dense = W.numel() * W.element_size()
+        nnz = stored_count(W)
+        wanted = packed_bytes(*W.shape, nnz, W.element_size()) < dense and (
+            min_sparsity is None or 1 - nnz / max(W.numel(), 1) >= min_sparsity
+        )
+        shared = len(owners.get(_tensor_key(module.weight), [])) > 1  # tied to another tensor: keep it whole
+        packable = dtype_name(W.dtype) in PACKABLE_DTYPES
+        if wanted and not shared and packable:
+            add_packed(name, PackedTensor.from_weight(W.cpu(), transposed=not isinstance(module, nn.Linear)))
+            continue
+        if wanted and not shared:
+            log.warning("%s stays dense: packing needs float32 or bfloat16, not %s", name, dtype_name(W.dtype))
+        sizes["linear_dense_bytes"] += dense
+        sizes["linear_checkpoint_bytes"] += dense
+        dense_linears.append(name)
+    # everything else dense, each tensor once: a name sharing another's memory (tied embeddings) is an alias
+    aliases: dict[str, str] = {}
+    first: dict = {}
+    dense_total = already_dense_bytes  # the model written dense, for comparison
+    for key, t in state.items():
+        ident = _tensor_key(t)
+        if ident is not None and ident in first:
+            aliases[key] = first[ident]
+            continue
+        if ident is not None:
+            first[ident] = key
+        dense_total += t.numel() * t.element_size()
+        if key not in tensors:
+            tensors[key] = t.detach().cpu().contiguous()
+    sizes["dense_weights_bytes"] = dense_total
+    return tensors, aliases, sizes, dense_linears
+
+
+def save_sparse(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    report: dict | None = None,
+    *,
+    overwrite: bool = False,
+    min_sparsity: float | None = None,
+    progress: bool = True,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> dict:
+    """Write ``model`` as a compact sparse folder (atomically) and return what it saved, in bytes.
+
+    Every decoder linear whose packed form is smaller than its dense one is packed (``min_sparsity``: only those
+    at least this sparse); everything else, embeddings and LM head included, is stored dense; tied tensors once.
+    ``masks`` ({linear: bool [out, in], True = pruned}) go to ``masks.safetensors`` beside the weights.
+    """
+    if masks is not None:
+        _check_masks(model, masks)
+    tensors, aliases, sizes, dense_linears = _collect(model, min_sparsity, progress)
+    packed = sum(isinstance(t, PackedTensor) for t in tensors.values())
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = dtype_name(dtype)
+    try:
+        with AtomicFolder(out_dir, overwrite) as tmp:
+            config.save_pretrained(tmp)
+            generation = getattr(model, "generation_config", None)
+            if generation is not None:
+                generation.save_pretrained(tmp)
+            _write_extras(tmp, tokenizer, report, None)
+            write_sparse(tmp / WEIGHTS_NAME, tensors, aliases, dtype)
+            if masks is not None:
+                save_masks(tmp / MASKS_NAME, masks)
+            folder = folder_bytes(tmp)
+            weights_file = (tmp / WEIGHTS_NAME).stat().st_size
+    except OSError as exc:
+        raise SecateursError(f"cannot save to {out_dir}: {exc.strerror or exc}") from None
+    summary = {
+        "output": str(Path(out_dir)),
+        "format": f"{FORMAT} v{FORMAT_VERSION}",
+        "dtype": dtype_name(dtype),
+        "packed_linears": packed,
+        "dense_linears": dense_linears,
+        **sizes,
+        "linear_ratio": sizes["linear_checkpoint_bytes"] / max(sizes["linear_dense_bytes"], 1),
+        "packed_ratio": sizes["packed_bytes"] / max(sizes["packed_dense_bytes"], 1),
+        "weights_file_bytes": weights_file,
+        "folder_bytes": folder,
+        # the same folder with the tensors written dense (as save_pretrained would, less its small header)
+        "dense_folder_bytes": folder - weights_file + sizes["dense_weights_bytes"],
+    }
+    summary["folder_ratio"] = summary["folder_bytes"] / max(summary["dense_folder_bytes"], 1)
+    _log_summary(summary)
+    return summary
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _log_summary(s: dict) -> None:
+    log.info(
+        "decoder linear weights: %s packed vs %s dense (%.3fx; %d packed, %d dense)",
+        _mb(s["linear_checkpoint_bytes"]),
+        _mb(s["linear_dense_bytes"]),
+        s["linear_ratio"],
+        s["packed_linears"],
+        len(s["dense_linears"]),
+    )
+    log.info(
+        "whole folder: %s vs %s dense (%.3fx)", _mb(s["folder_bytes"]), _mb(s["dense_folder_bytes"]), s["folder_ratio"]
+    )
+
+
+# -------------------------------------------------------------------------------------------------- compress
+def compress(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    min_sparsity: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Rewrite a pruned Hugging Face folder (e.g. from ``secateurs prune``) as a sparse folder; returns the sizes.
+
+    Its ``report.json`` and ``masks.safetensors`` come along.
+    """
+    src = Path(src_dir).expanduser()
+    if not (src / "config.json").is_file():
+        raise SecateursError(f"{src} is not a Hugging Face model folder (no config.json)")
+    if is_sparse_folder(src):
+        raise SecateursError(f"{src} is already a sparse checkpoint")
+    if Path(out_dir).expanduser().absolute() == src.absolute():
+        raise SecateursError("the output folder must differ from the source")
+    report = None
+    if (src / REPORT_NAME).is_file():
+        try:
+            report = json.loads((src / REPORT_NAME).read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("not copying %s: %s", src / REPORT_NAME, exc)
+    masks = None
+    if (src / MASKS_NAME).is_file():
+        try:
+            masks = load_masks(src)
+        except SecateursError as exc:
+            log.warning("not copying %s: %s", src / MASKS_NAME, exc)
+    model, tokenizer, _ = load_model(str(src))
+    summary = save_sparse(
+        model,
+        tokenizer,
+        out_dir,
+        report,
+        overwrite=overwrite,
+        min_sparsity=min_sparsity,
+        progress=progress,
+        masks=masks,
+    )
+    summary["source"] = str(src)
+    summary["source_folder_bytes"] = folder_bytes(src)
+    summary["source_ratio"] = summary["folder_bytes"] / max(summary["source_folder_bytes"], 1)
+    log.info("source folder %s: %s (%.3fx)", src, _mb(summary["source_folder_bytes"]), summary["source_ratio"])
+    return summary
+
+
+def add_parser(subparsers, name: str) -> None:
+    """``secateurs compress SRC --output DST``: rewrite a pruned folder in the compact sparse format."""
+    p = subparsers.add_parser(
+        name,
+        help="rewrite a pruned model folder in the compact sparse format (mask + non-zero values)",
+        description="Rewrite a pruned Hugging Face folder as a sparse checkpoint: each decoder linear whose packed "
+        "form is smaller is stored as a 1-bit mask plus its non-zero values; load it back with "
+        "secateurs.load_sparse (sparse kernels) or secateurs.load_pruned (a plain dense model).",
+    )
+    p.add_argument("source", help="a pruned Hugging Face model folder")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="where to write the sparse folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--min-sparsity",
+        type=float,
+        default=None,
+        metavar="S",
+        help="pack only linears at least this sparse (default: every linear whose packed form is smaller)",
+    )
+    p.add_argument("--json", action="store_true", help="print the sizes as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.set_defaults(run=_run)
+
+
+def _run(args) -> dict:
+    if args.min_sparsity is not None and not 0 <= args.min_sparsity <= 1:
+        raise SecateursError(f"--min-sparsity must be in [0, 1], got {args.min_sparsity}")
+    return compress(
+        args.source, args.output, overwrite=args.overwrite, min_sparsity=args.min_sparsity, progress=not args.quiet
+    )

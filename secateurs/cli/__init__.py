@@ -1,0 +1,287 @@
+"""``secateurs prune | eval``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+
+from secateurs import data
+from secateurs.cli.options import PAPER_HINT, add_common, add_eval, add_tasks
+from secateurs.cli.stages import add_stage_choices, add_stage_settings, check_recipe_file, recipe_from_args
+from secateurs.errors import SecateursError
+from secateurs.evaluate.zeroshot import check_tasks, format_table
+from secateurs.oneshot.allocations.table import Table
+
+log = logging.getLogger("secateurs")
+
+# Further subcommands: each module has add_parser(subparsers, name) (which sets the parser's ``run``
+# default to a function args -> dict) and may reuse secateurs.cli.options.
+_EXTRA_COMMANDS = {
+    "sweep": "secateurs.cli.sweep",
+    "report": "secateurs.cli.report",
+    "compress": "secateurs.checkpoint",
+    "bench": "secateurs.runtime.bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secateurs", description="Prune Hugging Face causal language models and measure what it cost."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model layer by layer on calibration text and save it", epilog=PAPER_HINT)
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="smollm2-135m",
+        help="hub id, local HF folder, .gguf file, or smollm2-135m (the bundled default)",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="FILE",
+        help="start from a recipe file (.yaml/.yml or .json, or a report.json); flags given override it",
+    )
+    add_stage_choices(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
+    group.add_argument("--pattern", default=None, metavar="N:M", help="N:M sparsity, e.g. 2:4 (2 zeros in every 4)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave linears whose name matches dense (repeatable), e.g. '*.mlp.down_proj'",
+    )
+    p.add_argument(
+        "--calibration",
+        default="shakespeare",
+        metavar="SOURCE",
+        help="calibration text: bundled name (shakespeare, bible), .txt/.jsonl path, c4, wikitext2",
+    )
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window, calibration and evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    add_eval(p, "bible")
+    p.add_argument("--no-dense-eval", action="store_true", help="skip the perplexity (and --tasks) of the dense model")
+    add_tasks(p)
+    add_stage_settings(p)
+    p.add_argument("--output", "-o", default=None, metavar="DIR", help="where to save the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--save-format",
+        choices=["hf", "sparse"],
+        default="hf",
+        help="hf: a plain Hugging Face folder; sparse: pruned linears as a 1-bit mask plus their non-zero values "
+        "(load with secateurs.load_sparse or load_pruned)",
+    )
+    add_common(p)
+
+    p = sub.add_parser("eval", help="perplexity (paper protocol) and zero-shot accuracy (--tasks) of a model")
+    p.add_argument("model", help="hub id, local HF folder (e.g. a pruned output), .gguf file, or smollm2-135m")
+    p.add_argument("--seqlen", type=int, default=512)
+    add_eval(p, "bible")
+    add_tasks(p)
+    add_common(p)
+
+    for name, module in _EXTRA_COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a command whose optional module is not installed
+            if not exc.name or not module.startswith(exc.name):
+                raise
+            continue
+        mod.add_parser(sub, name)
+    return parser
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _bos(arg: str):
+    return {"auto": None, "always": True, "never": False}[arg]
+
+
+def _evaluate(model, tokenizer, args, label: str):
+    from secateurs.api import evaluate
+
+    result = evaluate(
+        model,
+        tokenizer,
+        args.eval,
+        seqlen=args.seqlen,
+        max_windows=args.eval_windows,
+        bos=_bos(args.bos),
+        progress=not args.quiet,
+    )
+    log.info("%s perplexity %.3f  [%s]", label, result.perplexity, result.protocol)
+    return result
+
+
+def _zero_shot(model, tokenizer, args, label: str):
+    from secateurs.evaluate.zeroshot import zero_shot
+
+    result = zero_shot(
+        model,
+        tokenizer,
+        args.tasks,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    log.info("%s accuracy in %.1f s  [%s]\n%s", label, result.seconds, result.protocol, result.table())
+    return result
+
+
+def cmd_prune(args) -> dict:
+    import torch
+
+    from secateurs.checkpoint import check_output, save_pruned
+    from secateurs.data.calibration import Calibration
+    from secateurs.models import default_device, load_model
+    from secateurs.oneshot.prune import check_recipe, prune
+
+    check_recipe_file(args.recipe)
+    recipe = recipe_from_args(args)
+    calibration = Calibration(args.calibration, args.nsamples, args.seqlen, args.seed)
+    device = default_device(args.device)
+    output = check_output(args.output, args.overwrite) if args.output else None
+    do_eval = args.eval and args.eval.lower() != "none"
+    # fail on a bad source now, not after minutes of work
+    if recipe.needs_calibration:
+        data.describe_source(calibration.source)
+    if do_eval:
+        data.describe_source(args.eval)
+    if args.tasks:
+        args.tasks = check_tasks(args.tasks)
+    if isinstance(recipe.allocation, Table):
+        recipe.allocation.check_file()
+
+    log.info("loading %s", args.model)
+    t0 = time.perf_counter()
+    model, tokenizer, model_desc = load_model(args.model, args.dtype)
+    log.info("loaded in %.1f s: %s, %s", time.perf_counter() - t0, type(model).__name__, model.dtype)
+    check_recipe(model, recipe)  # N:M widths and the like: before any forward pass
+    if device.type == "cuda":
+        model.to(device)
+    if recipe.needs_calibration:
+        calibration.windows(tokenizer)
+
+    dense = _evaluate(model, tokenizer, args, "dense ") if do_eval and not args.no_dense_eval else None
+    dense_acc = _zero_shot(model, tokenizer, args, "dense ") if args.tasks and not args.no_dense_eval else None
+    log.info(
+        "pruning: %s, %s, calibration %s (%d x %d tokens, seed %d)",
+        recipe.label,
+        recipe.pattern_name,
+        calibration.source,
+        calibration.nsamples,
+        calibration.seqlen,
+        calibration.seed,
+    )
+    report = prune(model, recipe, calibration, tokenizer=tokenizer, device=device, progress=not args.quiet)
+    log.info(
+        "pruned in %.1f s: sparsity %.4f over %d linears", report.prune_seconds, report.sparsity, len(report.linears)
+    )
+    pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None
+    pruned_acc = _zero_shot(model, tokenizer, args, "pruned") if args.tasks else None
+
+    out = {
+        "model": model_desc,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        **report.to_dict(),
+        "perplexity": {
+            "dense": dense.to_dict() if dense else None,
+            "pruned": pruned.to_dict() if pruned else None,
+        },
+        "zero_shot": {
+            "dense": dense_acc.to_dict() if dense_acc else None,
+            "pruned": pruned_acc.to_dict() if pruned_acc else None,
+        }
+        if args.tasks
+        else None,
+        "output": str(output) if output else None,
+    }
+    if output:
+        model.to(torch.device("cpu"))
+        save_pruned(
+            model,
+            tokenizer,
+            output,
+            out,
+            overwrite=args.overwrite,
+            save_format=args.save_format,
+            masks=report.mask_tensors(),
+        )
+        log.info("saved to %s", output)
+    if dense and pruned:
+        log.info(
+            "perplexity %.3f -> %.3f (%s, %s), %.1f s of pruning",
+            dense.perplexity,
+            pruned.perplexity,
+            recipe.label,
+            recipe.pattern_name,
+            report.prune_seconds,
+        )
+    if dense_acc and pruned_acc:
+        log.info("zero-shot accuracy, dense vs pruned:\n%s", format_table({"dense": dense_acc, "pruned": pruned_acc}))
+    return out
+
+
+def cmd_eval(args) -> dict:
+    from secateurs.models import default_device, load_model
+
+    device = default_device(args.device)
+    do_eval = bool(args.eval) and args.eval.lower() != "none"
+    if not do_eval and not args.tasks:
+        raise SecateursError("eval needs --eval SOURCE (perplexity) or --tasks NAMES (zero-shot accuracy)")
+    if do_eval:
+        data.describe_source(args.eval)
+    if args.tasks:
+        args.tasks = check_tasks(args.tasks)
+    model, tokenizer, model_desc = load_model(args.model, args.dtype)
+    model.to(device)
+    out = {"model": model_desc, "dtype": str(model.dtype).replace("torch.", "")}
+    if do_eval:
+        out.update(_evaluate(model, tokenizer, args, "").to_dict())
+    if args.tasks:
+        out["zero_shot"] = _zero_shot(model, tokenizer, args, "").to_dict()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        commands = {"prune": cmd_prune, "eval": cmd_eval}
+        result = commands[args.command](args) if args.command in commands else args.run(args)
+    except SecateursError as exc:
+        print(f"secateurs: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("secateurs: interrupted; nothing was saved", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"secateurs: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("secateurs: error: out of memory", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

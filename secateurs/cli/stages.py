@@ -1,0 +1,146 @@
+"""Command-line flags made from the stage configs, and the Recipe they describe.
+
+Every setting of every registered stage becomes one flag, ``--{stage}-{setting}`` (plus the spellings a stage lists
+in ``flag_aliases``), with the field's type, help text and default: the config classes are the only place where a
+setting is defined. The stage choices (``--method``, ``--allocation``, ``--refine``, ``--update``) come from the
+registry. A flag left out keeps the stage's default, or the value in ``--recipe FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+from secateurs.errors import SecateursError
+from secateurs.oneshot.recipe import Recipe
+from secateurs.oneshot.registry import KINDS, all_stages
+
+log = logging.getLogger("secateurs")
+
+STAGE_ARGS = {"pruner": "method", "allocation": "allocation", "refiner": "refine", "update": "update"}
+
+
+def _settings():
+    """(stage name, field, flag spellings, help, type name, default) once per distinct stage setting."""
+    seen = {}
+    for cls in all_stages():
+        for f in dataclasses.fields(cls):
+            if cls.name == "table":
+                continue  # named by its file: --allocation FILE.json
+            key = (cls.name, f.name)
+            flags = (f.metadata.get("flag") or f"--{cls.name}-{f.name.replace('_', '-')}",)
+            flags += tuple(cls.flag_aliases.get(f.name, ()))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if key not in seen:
+                seen[key] = (cls.name, f.name, flags, f.metadata.get("help", ""), str(f.type), default)
+            else:  # two stages of one name (a pruner and an update): one flag sets both
+                name, field, old_flags, help, kind, _ = seen[key]
+                seen[key] = (name, field, tuple(dict.fromkeys(old_flags + flags)), help, kind, default)
+    return list(seen.values())
+
+
+def dest(stage: str, field: str) -> str:
+    return f"stage__{stage.replace('-', '_')}__{field}"
+
+
+def _choices(kind: str) -> str:
+    return "; ".join(f"{name}: {cls.summary}" for name, cls in KINDS[kind].items() if name != "table")
+
+
+def add_stage_choices(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """``--method``, ``--allocation``, ``--refine``, ``--update`` (comma-separated axes with ``sweep``)."""
+    pruners, refiners, updates = (", ".join(KINDS[k]) for k in ("pruner", "refiner", "update"))
+    if sweep:
+        p.add_argument("--methods", default="wanda", metavar="M,...", help=f"pruners: {pruners} (default wanda)")
+        p.add_argument(
+            "--allocations", default="uniform", metavar="A,...", help="uniform,owl,FILE.json (default uniform)"
+        )
+        p.add_argument("--refine", default="none", metavar="R,...", help=f"none,{refiners} (default none)")
+        p.add_argument(
+            "--updates", default="none", metavar="U,...", help=f"weight updates: none,{updates} (default none)"
+        )
+        return
+    p.add_argument("--method", default=None, metavar="PRUNER", help=f"{_choices('pruner')} (default wanda)")
+    p.add_argument(
+        "--allocation",
+        default=None,
+        metavar="uniform|owl|FILE.json",
+        help=f"per-layer sparsity: {_choices('allocation')}; or a JSON file mapping layer index or name to sparsity",
+    )
+    p.add_argument("--refine", default=None, metavar="none|" + refiners.replace(", ", "|"), help=_choices("refiner"))
+    p.add_argument(
+        "--update",
+        default=None,
+        metavar="none|" + updates.replace(", ", "|"),
+        help=f"new values for the kept weights of the final mask: {_choices('update')}",
+    )
+
+
+def add_stage_settings(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("stage settings (used when that stage is chosen)")
+    for name, field, flags, help, kind, default in _settings():
+        shown = ", ".join(default) if isinstance(default, tuple) else default
+        text = f"{name}: {help} (default {shown if shown != '' else 'none'})"
+        if kind.startswith("tuple"):
+            group.add_argument(*flags, dest=dest(name, field), action="append", default=None, metavar="GLOB", help=text)
+        elif kind == "bool":
+            group.add_argument(
+                *flags, dest=dest(name, field), action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            convert = {"int": int, "float": float}.get(kind, str)
+            group.add_argument(
+                *flags, dest=dest(name, field), type=convert, default=None, metavar=kind.upper(), help=text
+            )
+
+
+def given_settings(args) -> dict[str, dict]:
+    """Stage name -> {setting: value} for every stage flag given on the command line."""
+    out: dict[str, dict] = {}
+    for name, field, _, _, _, _ in _settings():
+        value = getattr(args, dest(name, field), None)
+        if value is not None:
+            out.setdefault(name, {})[field] = value
+    return out
+
+
+def recipe_from_args(args) -> Recipe:
+    """The recipe the prune flags describe: ``--recipe FILE`` first, then every flag given on top of it."""
+    base = Recipe.load(args.recipe).to_dict() if getattr(args, "recipe", None) else Recipe().to_dict()
+    options = base.pop("options")
+    settings = given_settings(args)
+    for arg in STAGE_ARGS.values():
+        value = getattr(args, arg)
+        if value is not None and value != base[arg]:
+            base[arg] = value
+            options.pop(arg, None)  # another stage: its settings start from its defaults
+    if args.sparsity is not None or args.pattern is not None:
+        base["sparsity"] = 0.5 if args.sparsity is None else args.sparsity
+        base["pattern"] = args.pattern
+    if args.exclude:
+        base["exclude"] = list(args.exclude)
+    chosen = {}
+    for arg in STAGE_ARGS.values():
+        name = base[arg]
+        if name is None or str(name).lower() == "none":
+            continue
+        key = "table" if arg == "allocation" and str(name).endswith(".json") else str(name).lower()
+        chosen[key] = arg
+        if key in settings:
+            options[arg] = {**options.get(arg, {}), **settings[key]}
+    unused = sorted(set(settings) - set(chosen))
+    if unused:
+        log.warning("settings for %s given, but that stage is not in the recipe: ignored", ", ".join(unused))
+    return Recipe.from_dict({**base, "options": options})
+
+
+def sweep_settings(args) -> dict[str, dict]:
+    """Stage settings shared by every cell of a sweep (stage name -> {setting: value})."""
+    return given_settings(args)
+
+
+def check_recipe_file(path: str | None) -> None:
+    if path and not Path(path).is_file():
+        raise SecateursError(f"recipe file not found: {path}")

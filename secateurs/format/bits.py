@@ -1,0 +1,87 @@
+"""Boolean [rows, cols] masks packed 1 bit per entry, and the byte counts of packed weights.
+
+A packed mask is uint8 ``[rows, ceil(cols / 8)]``: bit ``j % 8`` (least significant first) of byte ``j // 8`` of
+row ``r`` holds ``mask[r, j]``; the bits past the last column of a row are zero. The same layout serves the sparse
+checkpoint (bit set = weight stored), the in-memory sparse kernel and saved pruning masks (bit set = pruned).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # byte value -> its 8 bits, LSB first
+_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
+_AS_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def packed_width(cols: int) -> int:
+    """Bytes per row of a packed mask of ``cols`` columns."""
+    return (cols + 7) // 8
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool [rows, cols] tensor into uint8 [rows, ceil(cols / 8)] (LSB first, zero padding); on the CPU."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a 2-D bool tensor, got {got}")
+    rows, cols = mask.shape
+    nbytes = packed_width(cols)
+    bits = torch.zeros(rows, nbytes * 8, dtype=torch.uint8)
+    bits[:, :cols] = mask.detach().cpu()
+    bits = bits.view(rows, nbytes, 8)
+    packed = bits[..., 0].clone()
+    for k in range(1, 8):
+        packed |= bits[..., k] << k
+    return packed
+
+
+def _check_packed(packed: torch.Tensor, cols: int) -> None:
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        got = f"{packed.dtype} {tuple(packed.shape)}" if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"packed mask must be a 2-D uint8 tensor, got {got}")
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 0:
+        raise ValueError(f"cols must be a non-negative integer, got {cols!r}")
+    if packed.shape[1] != packed_width(cols):
+        raise ValueError(f"packed mask has {packed.shape[1]} bytes per row, {cols} columns need {packed_width(cols)}")
+    if cols % 8 and packed.shape[0] and bool((packed[:, -1] >> (cols % 8)).any()):
+        raise ValueError(f"mask has bits set past column {cols} (the last byte of a row must be zero-padded)")
+
+
+def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The bool [rows, cols] tensor of a packed mask; ValueError when the width or the padding bits are wrong."""
+    _check_packed(packed, cols)
+    rows = packed.shape[0]
+    if rows == 0 or cols == 0:
+        return torch.zeros(rows, cols, dtype=torch.bool)
+    bits = torch.index_select(_BYTE_BITS, 0, packed.cpu().reshape(-1).int())
+    return bits.view(rows, -1)[:, :cols].contiguous()
+
+
+def row_counts(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Set bits per row of a packed mask (int64 [rows]), without unpacking it; checks it as :func:`unpack_mask`."""
+    _check_packed(packed, cols)
+    if packed.numel() == 0:
+        return torch.zeros(packed.shape[0], dtype=torch.int64)
+    return _POPCOUNT[packed.cpu().long()].sum(1)
+
+
+def stored_bits(weight: torch.Tensor) -> torch.Tensor:
+    """Bool tensor: True where the weight's bit pattern is non-zero (what a packed weight stores; -0.0 counts)."""
+    return weight.detach().contiguous().view(_AS_INT[weight.element_size()]) != 0
+
+
+def stored_count(weight: torch.Tensor) -> int:
+    """Weights with a non-zero bit pattern (what the packed form stores; -0.0 counts)."""
+    return int(torch.count_nonzero(weight.detach().view(_AS_INT[weight.element_size()])))
+
+
+def packed_bytes(rows: int, cols: int, nnz: int, itemsize: int) -> int:
+    """Bytes of a packed [rows, cols] weight: the 1-bit mask (rows padded to whole bytes) plus nnz values."""
+    return rows * math.ceil(cols / 8) + nnz * itemsize
+
+
+def break_even_sparsity(itemsize: int) -> float:
+    """Sparsity above which packing saves bytes: 1/(8 * itemsize) (3.1% for fp32, 6.25% for bf16)."""
+    return 1.0 / (8 * itemsize)

@@ -1,0 +1,250 @@
+"""The compact sparse checkpoint file, ``model.sparse.safetensors`` (format ``secateurs-sparse``, version 1).
+
+Every tensor that is not packed is stored dense under its usual name, and each packed weight ``NAME`` becomes
+
+- ``NAME.mask``: uint8 [out, ceil(in/8)]; bit j % 8 (LSB first) of byte j // 8 of row o is set iff W[o, j] is stored;
+- ``NAME.values``: 1-D, the stored weights of W in row-major order, in the weight's dtype.
+
+W is [out, in], the matrix the layer multiplies with (y = x @ W.T); GPT-2's Conv1D keeps its weight transposed
+[in, out], which the metadata records. A weight is stored iff its bit pattern is non-zero, so -0.0 survives and
+loading gives bit-identical weights. The safetensors metadata names the format and version and describes every
+packed tensor (shape as the model holds it, dtype, nnz, orientation) and every tied name, so nothing depends on
+the reader's guesswork. Reading validates all of it and raises one clear :class:`SecateursError` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from secateurs.errors import SecateursError
+from secateurs.format.bits import pack_mask, packed_width, row_counts, stored_bits, unpack_mask
+
+FORMAT = "secateurs-sparse"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.sparse.safetensors"
+PACKABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``: how the metadata names a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTensor:
+    """One packed weight as the file stores it: W [out, in] as its bitmask plus exactly its nnz stored values.
+
+    ``transposed``: the model holds W.T (a GPT-2 style Conv1D), so the tensor it loads is [in, out].
+    """
+
+    mask: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+    transposed: bool = False
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, transposed: bool = False) -> PackedTensor:
+        """Pack a 2-D CPU weight W [out, in]: keep the entries whose bit pattern is non-zero."""
+        weight = weight.detach().contiguous()
+        bits = stored_bits(weight)
+        return cls(pack_mask(bits), weight[bits], (int(weight.shape[0]), int(weight.shape[1])), transposed)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def held_shape(self) -> tuple[int, int]:
+        """The shape of the tensor the model holds: [out, in], or [in, out] when transposed."""
+        return self.shape[::-1] if self.transposed else self.shape
+
+    def to_dense(self) -> torch.Tensor:
+        """W [out, in], bit-identical to what was packed (entries not stored are +0.0)."""
+        dense = torch.zeros(self.shape, dtype=self.values.dtype)
+        dense.masked_scatter_(unpack_mask(self.mask, self.shape[1]), self.values)
+        return dense
+
+    def to_held(self) -> torch.Tensor:
+        """The tensor as the model holds it (contiguous): W, or W.T for a transposed weight."""
+        W = self.to_dense()
+        return W.t().contiguous() if self.transposed else W
+
+    def entry(self) -> dict:
+        """Its metadata: the shape as the model holds it, orientation, dtype and nnz."""
+        return {
+            "shape": list(self.held_shape),
+            "transposed": self.transposed,
+            "dtype": dtype_name(self.values.dtype),
+            "nnz": self.nnz,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------ write
+def write_sparse(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor | PackedTensor],
+    aliases: Mapping[str, str],
+    dtype: torch.dtype,
+) -> None:
+    """Write ``tensors`` (dense ones, and packed weights by their weight's name) to one safetensors file.
+
+    ``aliases`` maps a tied name to the name it shares memory with (stored once); ``dtype`` is the model's.
+    """
+    flat: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict] = {}
+    for key, t in tensors.items():
+        if isinstance(t, PackedTensor):
+            flat[f"{key}.mask"] = t.mask
+            flat[f"{key}.values"] = t.values
+            packed[key] = t.entry()
+        else:
+            flat[key] = t
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "dtype": dtype_name(dtype),
+        "packed": json.dumps(packed, sort_keys=True),
+        "aliases": json.dumps(dict(aliases), sort_keys=True),
+    }
+    safetensors.torch.save_file(flat, path, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------------------- read
+def is_sparse_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a sparse checkpoint's weights file."""
+    return (Path(folder) / WEIGHTS_NAME).is_file()
+
+
+@dataclass(frozen=True)
+class SparseHeader:
+    """What the file's header says: its tensor names, the model's dtype name, packed entries and aliases."""
+
+    keys: list[str]
+    dtype: str | None
+    packed: dict
+    aliases: dict
+
+
+def _json_field(metadata: dict, field: str, path: Path):
+    try:
+        value = json.loads(metadata[field])
+    except (KeyError, TypeError, ValueError):
+        raise SecateursError(f"{path}: metadata field {field!r} is missing or not valid JSON") from None
+    if not isinstance(value, dict):
+        raise SecateursError(f"{path}: metadata field {field!r} must be a JSON object")
+    return value
+
+
+def read_header(path: str | Path) -> SparseHeader:
+    """The validated header of a sparse weights file (format and version checked)."""
+    path = Path(path)
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise SecateursError(f"cannot read {path}: {exc} (truncated or corrupt file?)") from None
+    if metadata.get("format") != FORMAT:
+        raise SecateursError(f"{path} is not a {FORMAT} checkpoint (metadata format {metadata.get('format')!r})")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise SecateursError(
+            f"{path} is {FORMAT} version {version!r}; this secateurs reads version {FORMAT_VERSION} "
+            "(upgrade secateurs for newer checkpoints)"
+        )
+    return SparseHeader(
+        keys=keys,
+        dtype=metadata.get("dtype"),
+        packed=_json_field(metadata, "packed", path),
+        aliases=_json_field(metadata, "aliases", path),
+    )
+
+
+def _check_entry(key: str, entry, path: Path) -> tuple[tuple[int, int], bool, torch.dtype, int]:
+    """Validate one packed entry of the metadata: (shape as held, transposed, dtype, nnz)."""
+    bad = SecateursError(f"{path}: malformed metadata for packed tensor {key!r}: {entry!r}")
+    if not isinstance(entry, dict):
+        raise bad
+    shape, transposed, dtype, nnz = entry.get("shape"), entry.get("transposed"), entry.get("dtype"), entry.get("nnz")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+        or not isinstance(transposed, bool)
+        or dtype not in PACKABLE_DTYPES
+        or not isinstance(nnz, int)
+        or isinstance(nnz, bool)
+        or not 0 <= nnz <= shape[0] * shape[1]
+    ):
+        raise bad
+    return (shape[0], shape[1]), transposed, PACKABLE_DTYPES[dtype], nnz
+
+
+def read_tensors(
+    path: str | Path, header: SparseHeader, expected: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, torch.Tensor], dict[str, PackedTensor]]:
+    """(dense tensors, packed weights) of the file, checked against ``expected`` (every name the model holds ->
+    its shape): each tensor belongs to the model with its shape, the packed parts agree with their metadata and
+    with each other, aliases point at stored tensors, and nothing the model needs is missing."""
+    path = Path(path)
+    keys = set(header.keys)
+
+    def shape_error(key, got, want):
+        return SecateursError(f"{path}: {key} is {got}, the model expects {want}")
+
+    dense: dict[str, torch.Tensor] = {}
+    packed: dict[str, PackedTensor] = {}
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            for key, entry in header.packed.items():
+                shape, transposed, value_dtype, nnz = _check_entry(key, entry, path)
+                if key not in expected or not key.endswith(".weight"):
+                    raise SecateursError(f"{path}: packed tensor {key} is not a weight of this model")
+                if tuple(expected[key]) != shape:
+                    raise shape_error(key, f"shape {list(shape)}", list(expected[key]))
+                for part in ("mask", "values"):
+                    if f"{key}.{part}" not in keys:
+                        raise SecateursError(f"{path}: {key}.{part} is missing")
+                rows, cols = shape[::-1] if transposed else shape
+                mask, values = f.get_tensor(f"{key}.mask"), f.get_tensor(f"{key}.values")
+                want = (torch.uint8, (rows, packed_width(cols)))
+                if (mask.dtype, tuple(mask.shape)) != want:
+                    raise shape_error(f"{key}.mask", (mask.dtype, tuple(mask.shape)), want)
+                if (values.dtype, tuple(values.shape)) != (value_dtype, (nnz,)):
+                    raise shape_error(f"{key}.values", (values.dtype, tuple(values.shape)), (value_dtype, (nnz,)))
+                try:
+                    marked = int(row_counts(mask, cols).sum())
+                except ValueError as exc:
+                    raise SecateursError(f"{path}: {key} is inconsistent: {exc}") from None
+                if marked != nnz:
+                    raise SecateursError(
+                        f"{path}: {key} is inconsistent: mask marks {marked} stored weights but values holds {nnz}"
+                    )
+                packed[key] = PackedTensor(mask, values, (rows, cols), transposed)
+            packed_parts = {f"{k}.{part}" for k in header.packed for part in ("mask", "values")}
+            for key in header.keys:
+                if key in packed_parts:
+                    continue
+                if key not in expected or key in header.packed:
+                    raise SecateursError(f"{path}: tensor {key} is not part of this model")
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key]):
+                    raise shape_error(key, f"shape {list(t.shape)}", list(expected[key]))
+                dense[key] = t
+    except safetensors.SafetensorError as exc:
+        raise SecateursError(f"cannot read {path}: {exc} (truncated or corrupt file?)") from None
+    for key, source in header.aliases.items():
+        if key not in expected or not isinstance(source, str) or source not in dense:
+            raise SecateursError(f"{path}: bad tied tensor {key!r} -> {source!r}")
+    missing = sorted(set(expected) - set(dense) - set(header.aliases) - set(header.packed))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise SecateursError(f"{path} lacks tensors the model needs: {', '.join(missing[:5])}{more}")
+    return dense, packed

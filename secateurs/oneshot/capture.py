@@ -1,0 +1,114 @@
+"""Step 1 of the walk: record what every decoder layer is called with, without rebuilding any argument by hand.
+
+The calibration windows run through the embeddings while every decoder layer is replaced by a pass-through that
+records its call: the hidden states entering the first layer, and every other argument of every layer (attention
+masks, position embeddings ... which may differ per layer, e.g. sliding-window layers). This costs almost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.models import find_layers
+
+
+@dataclass
+class LayerCall:
+    """The arguments a decoder layer was called with, other than the hidden states."""
+
+    args: tuple
+    kwargs: dict
+
+    def __call__(self, layer: Callable, hidden: torch.Tensor):
+        return layer(hidden, *self.args, **self.kwargs)
+
+
+class Recorder:
+    """Stands in for every decoder layer during capture: records the call, passes hidden states through."""
+
+    def __init__(self, layers: nn.ModuleList, keep_inputs_of_first: bool = True):
+        self.layers = layers
+        self.inputs: list[torch.Tensor] = []  # hidden states entering layer 0, one per window
+        self.calls: list[list[LayerCall]] = [[] for _ in layers]  # per layer, per window: the other arguments
+        self.tuple_output: bool | None = None
+        self._saved = []
+
+    def __enter__(self):
+        for index, layer in enumerate(self.layers):
+            self._saved.append(layer.forward)
+            layer.forward = self._make(index, layer.forward)
+        return self
+
+    def __exit__(self, *exc):
+        for layer, forward in zip(self.layers, self._saved, strict=True):
+            layer.forward = forward
+        self._saved.clear()
+
+    def _make(self, index: int, real_forward: Callable):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            call = LayerCall(args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index == 0:
+                self.inputs.append(hidden)
+            if self.tuple_output is None:  # learn the layer's output convention from one real call
+                self.tuple_output = isinstance(call(real_forward, hidden), tuple)
+            self.calls[index].append(call)
+            return (hidden,) if self.tuple_output else hidden
+
+        return forward
+
+
+def layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class OnDevice:
+    """Move everything except the decoder layers to the compute device, and back afterwards."""
+
+    def __init__(self, model: nn.Module, layers_name: str, device: torch.device):
+        self.model, self.layers_name, self.device = model, layers_name, device
+
+    def _move(self, device) -> None:
+        parent_name, _, attr = self.layers_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        layers = getattr(parent, attr)
+        setattr(parent, attr, nn.ModuleList())
+        try:
+            self.model.to(device)
+        finally:
+            setattr(parent, attr, layers)
+
+    def __enter__(self):
+        self.home = next(self.model.parameters()).device
+        if self.home != self.device:
+            self._move(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.home != self.device:
+            self._move(self.home)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, progress: bool = True):
+    """Record the first layer's input hidden states and every layer's keyword arguments, per window."""
+    layers_name, layers = find_layers(model)
+    layer0_home = next(layers[0].parameters()).device
+    layers[0].to(device)
+    try:
+        with OnDevice(model, layers_name, device), Recorder(layers) as rec:
+            for row in tqdm(calibration, desc="capturing inputs", disable=not progress, leave=False):
+                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        layers[0].to(layer0_home)
+    for per_layer in rec.calls:
+        for call in per_layer:
+            for key in ("past_key_values", "past_key_value", "layer_past"):
+                if key in call.kwargs:
+                    call.kwargs[key] = None
+    return rec.inputs, rec.calls

@@ -1,0 +1,147 @@
+"""``prune(model, recipe, calibration)``: allocate per-layer targets, walk the decoder, report what was done."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from secateurs import data
+from secateurs.data.calibration import Calibration
+from secateurs.errors import SecateursError
+from secateurs.measure import PeakMemory
+from secateurs.models import check_seqlen, default_device, find_layers, weight_view
+from secateurs.oneshot.allocations.table import Table
+from secateurs.oneshot.recipe import Recipe
+from secateurs.oneshot.result import PruneReport
+from secateurs.oneshot.select import nm_per_layer
+from secateurs.oneshot.stage import Target
+from secateurs.oneshot.walk import LinearStages, dense_walk, prunable_linears, walk
+
+log = logging.getLogger(__name__)
+
+
+def as_recipe(recipe: Recipe | str | dict) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe(method=recipe)
+
+
+def check_recipe(model: nn.Module, recipe: Recipe) -> None:
+    """Every check that needs only the model's shapes and the recipe: run before any forward pass."""
+    if isinstance(recipe.allocation, Table):
+        recipe.allocation.check_file()
+    nm = recipe.nm
+    if nm is None:
+        return
+    layers_name, layers = find_layers(model)
+    for index, layer in enumerate(layers):
+        for name, module in prunable_linears(layer, f"{layers_name}.{index}", recipe.excluded).items():
+            full = f"{layers_name}.{index}.{name}"
+            cols = weight_view(module).shape[1]
+            if cols % nm.m:
+                raise SecateursError(
+                    f"N:M pattern {nm} needs input widths divisible by {nm.m}, but {full} has {cols}; "
+                    f"exclude it (exclude=['{full}'] / --exclude) to leave it dense"
+                )
+
+
+def layer_targets(recipe: Recipe, sparsities: list[float]) -> list[Target]:
+    """One target per layer; with N:M and a non-uniform allocation, N_l rounds M * sparsity_l (mean kept)."""
+    nm = recipe.nm
+    if nm is None:
+        return [Target(s) for s in sparsities]
+    if recipe.allocation.name == "uniform":
+        return [Target(nm.sparsity, nm)] * len(sparsities)
+    return [Target(p.sparsity, p) for p in nm_per_layer(sparsities, nm.m)]
+
+
+def calibration_windows(model, recipe: Recipe, calibration, tokenizer) -> tuple[torch.Tensor | None, dict | None]:
+    """The token windows [nsamples, seqlen] the stages need (None when none needs data), and their description."""
+    if not recipe.needs_calibration:
+        return None, None
+    if calibration is None:
+        calibration = Calibration()
+    if isinstance(calibration, Calibration):
+        if tokenizer is None:
+            raise SecateursError("a Calibration spec needs the model's tokenizer (tokenizer=...)")
+        windows = calibration.windows(tokenizer)
+        meta = {**calibration.to_dict(), "description": data.describe_source(calibration.source)}
+    else:
+        windows = torch.as_tensor(calibration, dtype=torch.long)
+        if windows.dim() != 2:
+            raise SecateursError(f"calibration windows must be [nsamples, seqlen], got {tuple(windows.shape)}")
+        meta = {"source": "tensor", "nsamples": windows.shape[0], "seqlen": windows.shape[1]}
+    check_seqlen(model, windows.shape[1])
+    return windows, meta
+
+
+def prune(
+    model: nn.Module,
+    recipe: Recipe | str | dict = "wanda",
+    calibration: Calibration | torch.Tensor | None = None,
+    *,
+    tokenizer=None,
+    device: str | torch.device | None = "auto",
+    track_error: bool = True,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place, layer by layer, and report what was done (the masks included, packed).
+
+    ``calibration`` is either a :class:`Calibration` (needs ``tokenizer``), a LongTensor of token windows
+    [nsamples, seqlen], or None for the bundled default text (magnitude pruning needs no data).
+    """
+    recipe = as_recipe(recipe)
+    device = default_device(device) if not isinstance(device, torch.device) else device
+    check_recipe(model, recipe)
+    windows, calib_meta = calibration_windows(model, recipe, calibration, tokenizer)
+    layers_name, layers = find_layers(model)
+    layer_names = [f"{layers_name}.{i}" for i in range(len(layers))]
+    allocation = recipe.allocation
+    measures = None
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()  # no dropout while collecting statistics
+    with PeakMemory() as mem:
+        if allocation.needs:
+            measures = dense_walk(
+                model,
+                windows,
+                device,
+                lambda index, weights, stats: allocation.measure(weights, stats),
+                wanted=allocation.needs,
+                skip=recipe.excluded,
+                progress=progress,
+            )
+        sparsities = allocation.allocate(recipe.sparsity, layer_names, measures)
+        results, masks = walk(
+            model,
+            LinearStages(recipe.method, recipe.refine, recipe.update),
+            layer_targets(recipe, sparsities),
+            windows,
+            device,
+            skip=recipe.excluded,
+            track_error=track_error,
+            progress=progress,
+        )
+    model.train(was_training)
+    seconds = time.perf_counter() - start
+    layers_out = []
+    for r in results:  # what the allocation measured on a layer (e.g. OWL's outlier_ratio) goes beside it
+        layers_out.append({**asdict(r), **(measures[r.index] if measures else {})})
+    return PruneReport(
+        recipe=recipe.to_dict(),
+        calibration=calib_meta,
+        device=str(device),
+        prune_seconds=seconds,
+        rss_before_bytes=mem.start_rss,
+        peak_rss_bytes=mem.peak_rss,
+        peak_cuda_bytes=mem.peak_cuda,
+        layers=layers_out,
+        masks=masks,
+    )

@@ -1,0 +1,1 @@
+"""Pruners of the one-shot walk: one file each, registered in secateurs.oneshot.registry."""

@@ -1,0 +1,147 @@
+"""What a stage of a one-shot recipe is: a typed config object with one pure function and declared statistics.
+
+Four kinds, applied in this order to every decoder layer:
+
+* an :class:`Allocation` turns the recipe's target into one sparsity per decoder layer (optionally from one pass
+  through the dense model, whose statistics it declares);
+* a :class:`Pruner` chooses a linear's mask from its weight, its input statistics and the target (and may set new
+  values for the kept weights);
+* a :class:`Refiner` changes the mask afterwards, keeping every row's (and N:M group's) count;
+* an :class:`Update` sets new values for the kept weights of a fixed mask.
+
+Each config is a frozen dataclass. Its fields are the stage's settings: defaults, types and ``help`` metadata are
+the one source of truth from which the command line's flags, the sweep's axes and the recipe file are made.
+``needs`` names the input statistics the stage reads (fields of :class:`secateurs.oneshot.stats.InputStats`), so
+the engine collects exactly those and never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from secateurs.errors import SecateursError
+from secateurs.oneshot.select import NM
+
+# the statistics a stage may declare (what InputStats can sum over calibration tokens)
+SUM_SQUARES = "sq_norm"  # sum x_j^2 per input feature
+GRAM = "H_sum"  # sum x x^T (the Hessian of the layer-wise reconstruction loss, up to 2/n)
+MEAN = "x_sum"  # sum x_j (means and, with SUM_SQUARES, variances)
+STATISTICS = (SUM_SQUARES, GRAM, MEAN)
+
+
+@dataclass(frozen=True)
+class Target:
+    """How sparse one linear must become: a fraction of zeros, or N zeros in every M consecutive inputs of a row."""
+
+    sparsity: float
+    nm: NM | None = None
+
+
+@dataclass
+class StageOutput:
+    """A linear stage's result: the weight (same shape and dtype as given), its mask (True = pruned) and details."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+def option(default, help: str, **kwargs):
+    """A stage setting: its default and the help text its command-line flag shows."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Common to every stage: a registered ``name``, a one-line ``summary``, declared statistics ``needs``."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    summary: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    # extra command-line spellings of a field's flag, e.g. {"blocksize": ("--blocksize",)}
+    flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def options(self) -> dict:
+        """The settings as plain values (JSON/YAML-ready)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_options(cls, options: dict | None = None):
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise SecateursError(
+                f"unknown setting(s) for {cls.name}: {', '.join(unknown)} (known: {', '.join(sorted(known)) or 'none'})"
+            )
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+    def check(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise SecateursError(f"{self.name}: {message}")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class Pruner(Stage):
+    """Chooses the mask of one linear."""
+
+    kind: ClassVar[str] = "pruner"
+
+    def prune(self, W: torch.Tensor, stats, target: Target) -> StageOutput:
+        """``W`` [rows, cols] (a copy: free to modify); ``stats`` the linear's InputStats (None without ``needs``)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Refiner(Stage):
+    """Changes a linear's mask after the pruner, keeping each row's count of pruned weights (and N:M groups)."""
+
+    kind: ClassVar[str] = "refiner"
+    targets: tuple[str, ...] = option((), "refine only linears whose name matches (globs; empty: every pruned one)")
+
+    def applies(self, name: str) -> bool:
+        import fnmatch
+
+        return not self.targets or any(fnmatch.fnmatchcase(name, pat) for pat in self.targets)
+
+    def refine(self, W_dense: torch.Tensor, W: torch.Tensor, mask: torch.Tensor, stats, target: Target) -> StageOutput:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Update(Stage):
+    """Sets new values for the kept weights of a fixed mask (pruned weights stay zero)."""
+
+    kind: ClassVar[str] = "update"
+
+    def update(self, W_dense: torch.Tensor, W: torch.Tensor, mask: torch.Tensor, stats, target: Target) -> StageOutput:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Allocation(Stage):
+    """Turns the recipe's target into one sparsity per decoder layer (the mean stays the target).
+
+    With ``needs`` non-empty, the engine first runs the calibration windows through the dense model and calls
+    :meth:`measure` for every decoder layer with its linears' weights and input statistics.
+    """
+
+    kind: ClassVar[str] = "allocation"
+
+    def measure(self, weights: dict[str, torch.Tensor], stats: dict) -> dict:
+        """What this allocation reads off one dense decoder layer (kept in the report under the layer)."""
+        return {}
+
+    def allocate(self, target: float, layer_names: list[str], measures: list[dict] | None) -> list[float]:
+        raise NotImplementedError

@@ -1,0 +1,82 @@
+"""Input statistics of a linear over the calibration tokens: sums, so they add across batches and processes.
+
+Which sums are kept is decided by the stages of the recipe (their ``needs``); counts are always kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from secateurs.oneshot.stage import GRAM, MEAN, STATISTICS, SUM_SQUARES
+
+
+@dataclass
+class InputStats:
+    """Sums over calibration tokens of one linear's inputs x [tokens, cols]."""
+
+    nsamples: int = 0  # calibration windows
+    ntokens: int = 0  # calibration tokens
+    sq_norm: torch.Tensor | None = None  # sum x_j^2, [cols]
+    H_sum: torch.Tensor | None = None  # sum x x^T, [cols, cols]
+    x_sum: torch.Tensor | None = None  # sum x_j, [cols]
+
+    def add(self, x: torch.Tensor, wanted: Iterable[str]) -> None:
+        """Add one window's (or batch's) inputs [..., cols]; ``wanted`` names the sums to keep."""
+        wanted = set(wanted)
+        self.nsamples += x.shape[0] if x.dim() > 2 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.ntokens += x.shape[0]
+        if SUM_SQUARES in wanted:
+            self.sq_norm = _plus(self.sq_norm, (x * x).sum(0))
+        if GRAM in wanted:
+            self.H_sum = _plus(self.H_sum, x.t() @ x)
+        if MEAN in wanted:
+            self.x_sum = _plus(self.x_sum, x.sum(0))
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean and (population) variance over all tokens (needs the sums of x and x^2)."""
+        mean = self.x_sum / self.ntokens
+        return mean, (self.sq_norm / self.ntokens - mean * mean).clamp_min(0)
+
+
+def _plus(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+def check_statistics(names: Iterable[str]) -> frozenset[str]:
+    names = frozenset(names)
+    unknown = names - set(STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {STATISTICS}")
+    return names
+
+
+class StatsCollector:
+    """Forward hooks that accumulate each linear's input statistics.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one statistics object, so the sums (and x x^T) are
+    computed once per distinct input. The inputs seen in the current window are held, so their memory cannot be
+    reused by another tensor and mistaken for the same input.
+    """
+
+    def __init__(self, stats: dict[str, InputStats], wanted: Iterable[str]):
+        self.stats, self.wanted = stats, check_statistics(wanted)
+        self.seen: dict[tuple, tuple[torch.Tensor, InputStats]] = {}
+
+    def hook(self, name: str):
+        def accumulate(module, inputs, output):
+            x = inputs[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+            if key in self.seen:
+                self.stats[name] = self.seen[key][1]
+                return
+            self.stats[name].add(x, self.wanted)
+            self.seen[key] = (x, self.stats[name])
+
+        return accumulate
+
+    def next_window(self) -> None:
+        self.seen.clear()

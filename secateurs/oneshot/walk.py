@@ -1,0 +1,206 @@
+"""The sequential walk shared by every stage and every architecture.
+
+1. :func:`~secateurs.oneshot.capture.capture` records what each decoder layer is called with.
+2. For each decoder layer: move it to the compute device, hook its linears, run the inputs through it to sum the
+   input statistics the recipe's stages declare, run the linear stages on every linear (pruner, then refiner, then
+   weight update), run the inputs again through the now sparse layer to produce the next layer's inputs, move it
+   back, free the statistics.
+
+The walk never asks which method it runs: it reads each stage's ``needs`` and calls its one function.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.models import find_layers, find_linears, weight_view
+from secateurs.oneshot.capture import capture, layer_output
+from secateurs.oneshot.result import LayerResult, LinearResult, PackedMask
+from secateurs.oneshot.stage import Pruner, Refiner, StageOutput, Target, Update
+from secateurs.oneshot.stats import InputStats, StatsCollector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearStages:
+    """What runs on every pruned linear, in order: a pruner, then optionally a refiner and a weight update."""
+
+    pruner: Pruner
+    refiner: Refiner | None = None
+    update: Update | None = None
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(s.needs for s in (self.pruner, self.refiner, self.update) if s is not None))
+
+    @property
+    def label(self) -> str:
+        return " + ".join(s.name for s in (self.pruner, self.refiner, self.update) if s is not None)
+
+
+def prunable_linears(layer: nn.Module, prefix: str, skip: Callable[[str], bool]) -> dict[str, nn.Module]:
+    """The linears of one decoder layer (names relative to it) whose full name ``prefix.name`` is not skipped."""
+    return {n: m for n, m in find_linears(layer).items() if not skip(f"{prefix}.{n}")}
+
+
+def _run_collecting(layer, linears, hidden, calls, wanted, keep_outputs: bool):
+    """Run every window through ``layer`` with hooks summing the ``wanted`` statistics of each linear's inputs."""
+    stats = {n: InputStats() for n in linears}
+    collector = StatsCollector(stats, wanted)
+    hooks = [m.register_forward_hook(collector.hook(n)) for n, m in linears.items()]
+    outputs = []
+    try:
+        for h, call in zip(hidden, calls, strict=True):
+            out = layer_output(call(layer, h))
+            collector.next_window()
+            if keep_outputs:
+                outputs.append(out)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats, outputs
+
+
+def run_stages(
+    name: str, W: torch.Tensor, stages: LinearStages, stats: InputStats | None, target: Target
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The linear stages on one weight [rows, cols]: returns (new weight, mask True = pruned, details).
+
+    Pruned positions are exactly zero after every stage; the weight keeps its dtype.
+    """
+    W_dense = W.detach().clone()
+    out = _checked(stages.pruner, stages.pruner.prune(W_dense.clone(), stats, target), W)
+    weight, mask, info = out.weight, out.mask, dict(out.info)
+    for stage in (stages.refiner, stages.update):
+        if stage is None or (isinstance(stage, Refiner) and not stage.applies(name)):
+            continue
+        run = stage.refine if isinstance(stage, Refiner) else stage.update
+        out = _checked(stage, run(W_dense, weight, mask, stats, target), W)
+        weight, mask = out.weight, out.mask
+        info[stage.name] = out.info
+    return weight, mask, info
+
+
+def _checked(stage, out: StageOutput, W: torch.Tensor) -> StageOutput:
+    """Hold every stage to the contract: same shape, W's dtype, a bool mask, exact zeros where pruned."""
+    if out.weight.shape != W.shape or out.mask.shape != W.shape or out.mask.dtype != torch.bool:
+        raise RuntimeError(f"{stage.kind} {stage.name} returned a weight or mask of the wrong shape or type")
+    weight = out.weight.to(W.dtype).clone() if out.weight.data_ptr() == W.data_ptr() else out.weight.to(W.dtype)
+    weight[out.mask] = 0
+    return StageOutput(weight, out.mask, out.info)
+
+
+@torch.no_grad()
+def dense_walk(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    device: torch.device,
+    per_layer: Callable[[int, dict[str, torch.Tensor], dict[str, InputStats]], object],
+    *,
+    wanted: frozenset[str],
+    skip: Callable[[str], bool] = lambda name: False,
+    progress: bool = True,
+) -> list:
+    """One pass through the dense model: ``per_layer(index, weights, stats)`` for each decoder layer.
+
+    ``weights`` maps each prunable linear of the layer to its weight [rows, cols]; ``stats`` holds the ``wanted``
+    sums of its inputs, from the dense model's own activations (nothing is pruned), e.g. for OWL's outlier ratios.
+    """
+    layers_name, layers = find_layers(model)
+    hidden, calls = capture(model, calibration, device, progress)
+    results = []
+    for index in tqdm(range(len(layers)), desc="dense statistics", disable=not progress):
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = prunable_linears(layer, f"{layers_name}.{index}", skip)
+        stats, hidden = _run_collecting(layer, linears, hidden, calls[index], wanted, keep_outputs=True)
+        calls[index] = None
+        results.append(per_layer(index, {n: weight_view(m) for n, m in linears.items()}, stats))
+        layer.to(home)
+    return results
+
+
+@torch.no_grad()
+def walk(
+    model: nn.Module,
+    stages: LinearStages,
+    targets: list[Target],
+    calibration: torch.Tensor | None,
+    device: torch.device,
+    *,
+    skip: Callable[[str], bool] = lambda name: False,
+    track_error: bool = True,
+    progress: bool = True,
+) -> tuple[list[LayerResult], dict[str, PackedMask]]:
+    """Prune every decoder layer in order, layer ``i`` to ``targets[i]``; return the results and the masks."""
+    layers_name, layers = find_layers(model)
+    if len(targets) != len(layers):
+        raise ValueError(f"{len(targets)} layer targets for {len(layers)} layers")
+    wanted = stages.needs
+    if wanted:
+        hidden, calls = capture(model, calibration, device, progress)
+    results, masks = [], {}
+    bar = tqdm(range(len(layers)), desc=f"{stages.label} pruning layers", disable=not progress)
+    for index in bar:
+        start = time.perf_counter()
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = prunable_linears(layer, f"{layers_name}.{index}", skip)
+        stats: dict[str, InputStats] = {}
+        dense_out = []
+        if wanted:
+            stats, dense_out = _run_collecting(layer, linears, hidden, calls[index], wanted, track_error)
+        target = targets[index]
+        target_sparsity = target.nm.sparsity if target.nm else target.sparsity
+        linear_results = []
+        for name, module in linears.items():
+            full = f"{layers_name}.{index}.{name}"
+            W = weight_view(module)
+            weight, mask, info = run_stages(full, W, stages, stats.pop(name, None), target)
+            W.copy_(weight)
+            packed = PackedMask.pack(mask)
+            masks[full] = packed
+            linear_results.append(
+                LinearResult(
+                    name=full,
+                    shape=tuple(W.shape),
+                    sparsity_target=target_sparsity,
+                    pruned=int(mask.sum().item()),
+                    zeros=int((W == 0).sum().item()),
+                    numel=W.numel(),
+                    mask_sha256=packed.digest(),
+                    info=info,
+                )
+            )
+        error = None
+        if wanted:
+            num = den = 0.0
+            for j, call in enumerate(calls[index]):
+                out = layer_output(call(layer, hidden[j]))
+                if track_error:
+                    ref = dense_out[j].float()
+                    num += (out.float() - ref).pow(2).sum().item()
+                    den += ref.pow(2).sum().item()
+                hidden[j] = out
+            calls[index] = None
+            error = num / den if track_error and den > 0 else None
+        layer.to(home)
+        del dense_out, stats
+        results.append(
+            LayerResult(
+                index, f"{layers_name}.{index}", target_sparsity, error, time.perf_counter() - start, linear_results
+            )
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results, masks

@@ -1,0 +1,155 @@
+"""``secateurs bench`` (secateurs.runtime.bench) on tiny models."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import run_main
+
+import secateurs
+from secateurs.checkpoint import save_sparse
+from secateurs.runtime import bench, kernels
+from secateurs.runtime.linear import SparseLinear
+
+
+def _own_greedy(model, ids, new_tokens, eos):
+    """Greedy decoding by hand: full forward each step, no cache, EOS suppressed (min_new_tokens = new_tokens)."""
+    out = ids
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(out, use_cache=False).logits[:, -1].float()
+            logits[:, eos] = float("-inf")
+            out = torch.cat([out, logits.argmax(-1, keepdim=True)], 1)
+    return out[:, ids.shape[1] :]
+
+
+@pytest.fixture
+def sparse_tiny_dir(tmp_path, tiny_model_dir):
+    """(sparse checkpoint of the tiny LLaMA pruned 70% by magnitude, the pruned model in memory)."""
+    model, tokenizer, _ = secateurs.load_model(str(tiny_model_dir))
+    secateurs.prune(model, secateurs.Recipe(method="magnitude", sparsity=0.7), progress=False)
+    save_sparse(model, tokenizer, tmp_path / "s", progress=False)
+    return tmp_path / "s", model
+
+
+def test_cli_bench(sparse_tiny_dir):
+    folder, pruned = sparse_tiny_dir
+    args = ["--tokens", "3", "--prompt-len", "4", "--repeat", "1", "--threads", "1", "--quiet"]
+    code, out, err = run_main("bench", folder, *args, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    for name in ("dense", "sparse"):
+        assert result[name]["decode_tokens_per_s"] > 0 and result[name]["prefill_tokens_per_s"] > 0
+        assert result[name]["bandwidth_bound_tokens_per_s"] == pytest.approx(
+            result["read_bandwidth_gbps"] * 1e9 / result[name]["bytes_per_decode_step"]
+        )
+    assert result["sparse"]["weight_bytes"] < result["dense"]["weight_bytes"]
+    assert result["sparse"]["bytes_per_decode_step"] < result["dense"]["bytes_per_decode_step"]
+    assert result["speedup_decode"] == pytest.approx(
+        result["sparse"]["decode_tokens_per_s"] / result["dense"]["decode_tokens_per_s"]
+    )
+    assert result["same_tokens"] is True
+    linears = {n: m for n, m in pruned.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    assert result["conversion"]["converted"] == len(linears) == 3 * 7  # every pruned linear runs on the kernel
+    # per shape: how many linears have it, and their density, as counted from the pruned weights
+    want = {}
+    for m in linears.values():
+        count, nonzero, numel = want.get(tuple(m.weight.shape), (0, 0, 0))
+        want[tuple(m.weight.shape)] = (count + 1, nonzero + int((m.weight != 0).sum()), numel + m.weight.numel())
+    assert {tuple(s["shape"]): s["count"] for s in result["shapes"]} == {k: v[0] for k, v in want.items()}
+    for s in result["shapes"]:
+        count, nonzero, numel = want[tuple(s["shape"])]
+        assert s["density"] == pytest.approx(nonzero / numel, abs=1e-6)
+    code, out, err = run_main("bench", folder, *args, "--no-micro", "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "sparse/dense" in out and "bfloat16" in out
+
+
+def _wrap_bench_helper(monkeypatch, name, make_wrapper):
+    """Wrap ``name`` (decode_loop, generate) wherever the benchmark looks it up: bench itself or its timing module."""
+    modules = [
+        importlib.import_module(m)
+        for m in ("secateurs.runtime.bench", "secateurs.runtime.timing")
+        if importlib.util.find_spec(m) is not None
+    ]
+    real = next(getattr(m, name) for m in modules if hasattr(m, name))
+    wrapper = make_wrapper(real)
+    for m in modules:
+        if hasattr(m, name):
+            monkeypatch.setattr(m, name, wrapper)
+
+
+def test_bench_decodes_on_the_kernel_and_matches_the_pruned_model(sparse_tiny_dir, monkeypatch):
+    """During the benchmark's decode the sparse model calls the kernel once per packed linear per forward (the
+    dense one never), and both produce the greedy tokens of the pruned model, decoded here by hand."""
+    folder, pruned = sparse_tiny_dir
+    calls = {"spmm": 0}
+    real_spmm = kernels.spmm
+
+    def counting_spmm(*args, **kwargs):
+        calls["spmm"] += 1
+        return real_spmm(*args, **kwargs)
+
+    def packed(model):
+        return sum(isinstance(m, SparseLinear) for m in model.modules())
+
+    decodes, generated = [], []
+
+    def watch_decode(real):
+        def decode_loop(model, ids, tokens, device=None):
+            before = calls["spmm"]
+            seconds, new = real(model, ids, tokens, device)
+            decodes.append({"packed": packed(model), "tokens": tokens, "spmm": calls["spmm"] - before, "new": new})
+            decodes[-1]["ids"] = ids
+            return seconds, new
+
+        return decode_loop
+
+    def watch_generate(real):
+        def generate(model, ids, new_tokens):
+            new = real(model, ids, new_tokens)
+            generated.append((packed(model), ids, new))
+            return new
+
+        return generate
+
+    monkeypatch.setattr(kernels, "spmm", counting_spmm)  # SparseLinear.forward calls kernels.spmm
+    _wrap_bench_helper(monkeypatch, "decode_loop", watch_decode)
+    _wrap_bench_helper(monkeypatch, "generate", watch_generate)
+    result = bench.benchmark(folder, tokens=4, prompt_len=5, repeat=2, threads=1, micro=False)
+    assert result["same_tokens"] is True and result["conversion"]["converted"] == 21
+    sparse_runs = [d for d in decodes if d["packed"]]
+    dense_runs = [d for d in decodes if not d["packed"]]
+    assert len(sparse_runs) == len(dense_runs) == 1 + 2  # warm-up, then the repeats
+    assert all(d["packed"] == 21 for d in sparse_runs)  # every pruned linear is packed in the sparse model
+    for d in sparse_runs:  # a forward per new token (the prefill, then tokens - 1 steps), every packed linear
+        assert d["spmm"] == d["tokens"] * 21, d
+    assert all(d["spmm"] == 0 for d in dense_runs)
+    ids = decodes[0]["ids"]
+    want = _own_greedy(pruned, ids, 4, pruned.config.eos_token_id)
+    assert sorted(p > 0 for p, _, _ in generated) == [False, True]  # dense and sparse each generated once
+    for _, gen_ids, new in generated:
+        assert torch.equal(gen_ids, ids) and torch.equal(new, want)
+    for d in decodes:
+        if d["tokens"] == 4:
+            assert torch.equal(d["new"], want)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{tmp}/nothing"], "is not a model folder"),
+        (["{dense}"], "no linear is sparse enough"),
+        (["{dense}", "--tokens", "1"], "--tokens >= 2"),
+        (["{dense}", "--threads", "0"], "--threads must be at least 1"),
+        (["{dense}", "--dtype", "int3"], "unknown dtype"),
+    ],
+)
+def test_cli_bench_errors(tmp_path, tiny_model_dir, argv, message):
+    argv = [a.format(tmp=tmp_path, dense=tiny_model_dir) for a in argv]
+    code, out, err = run_main("bench", *argv, "--quiet", "--repeat", "1")
+    assert code == 2 and out == "" and message in err, err

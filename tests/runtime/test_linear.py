@@ -1,0 +1,168 @@
+"""Sparse linears (secateurs.runtime.linear): SparseLinear, to_sparse_linears, load_sparse, on tiny models and the
+real SmolLM2."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB, tiny_model
+from sparse_models import assert_bit_identical, pruned_tiny
+from transformers.pytorch_utils import Conv1D
+
+import secateurs
+from secateurs.checkpoint import load_pruned, save_pruned, save_sparse
+from secateurs.errors import SecateursError
+from secateurs.models import decoder_linears
+from secateurs.runtime import kernels, timing
+from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify, to_sparse_linears
+
+
+def tolerance(dtype):
+    return {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+
+
+def sparse_weight(rows, cols, sparsity=0.7, dtype=torch.float32):
+    W = torch.randn(rows, cols)
+    W[torch.rand(rows, cols) < sparsity] = 0
+    return W.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------ SparseLinear
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (7, 17), (33, 64), (96, 100)])
+def test_sparse_linear_matches_linear(rows, cols, w_dtype, x_dtype):
+    linear = torch.nn.Linear(cols, rows).to(w_dtype)
+    linear.weight.data = sparse_weight(rows, cols, dtype=w_dtype)
+    sparse = SparseLinear.from_dense(linear)
+    x = torch.randn(2, 5, cols).to(x_dtype)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+        got = sparse(x)
+    assert got.dtype == x_dtype and got.shape == (2, 5, rows)
+    torch.testing.assert_close(got.float(), want, **tolerance(x_dtype))
+    assert torch.equal(sparse.dense_weight(), linear.weight.data)
+
+
+def test_sparse_linear_from_conv1d():
+    conv = Conv1D(24, 40)  # nf=24 outputs, nx=40 inputs: weight [40, 24]
+    conv.weight.data = sparse_weight(40, 24)
+    conv.bias.data.normal_()
+    sparse = SparseLinear.from_dense(conv)
+    assert sparse.transposed and sparse.packed.shape == (24, 40)
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(sparse(x), conv(x).detach(), atol=1e-5, rtol=1e-4)
+    assert torch.equal(sparse.dense_weight(), conv.weight.data)
+    assert "density=" in repr(sparse) and sparse.nbytes < conv.weight.numel() * 4
+
+
+def test_sparse_linear_rejects_bad_bias():
+    p = kernels.pack(sparse_weight(4, 8))
+    with pytest.raises(ValueError, match="bias shape"):
+        SparseLinear(p, torch.zeros(5))
+
+
+# ---------------------------------------------------------------------------------------- to_sparse_linears
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_to_sparse_linears_matches_dense_masked(family, dtype):
+    dense = pruned_tiny(family, dtype)
+    sparse = copy.deepcopy(dense)
+    summary = to_sparse_linears(sparse)
+    linears = sum(isinstance(m, SparseLinear) for m in sparse.modules())
+    assert summary["converted"] == linears > 0 and not summary["dense"]
+    assert summary["sparse_bytes"] < 0.5 * summary["dense_bytes"]
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        want, got = dense(ids).logits, sparse(ids).logits
+    torch.testing.assert_close(got.float(), want.float(), **tolerance(dtype))
+    if dtype == torch.float32:  # greedy decoding gives the same tokens
+        assert torch.equal(timing.generate(dense, ids[:1], 10), timing.generate(sparse, ids[:1], 10))
+
+
+def test_to_sparse_linears_threshold_and_dense_models():
+    model = pruned_tiny("opt", exclude=["*.fc2"], sparsity=0.5)
+    summary = to_sparse_linears(model, min_sparsity=0.3)
+    assert sorted(summary["dense"]) == [f"model.decoder.layers.{i}.fc2" for i in range(2)]
+    assert isinstance(model.model.decoder.layers[0].fc1, SparseLinear)
+    assert to_sparse_linears(pruned_tiny("llama", sparsity=0.5), min_sparsity=0.6)["converted"] == 0
+    assert to_sparse_linears(tiny_model("llama"))["converted"] == 0  # dense: nothing to gain
+    assert to_sparse_linears(pruned_tiny("llama", torch.float16))["converted"] == 0  # the kernel has no fp16
+    with pytest.raises(SecateursError, match="min_sparsity"):
+        to_sparse_linears(tiny_model("llama"), min_sparsity=1.5)
+
+
+# ----------------------------------------------------------------------------------------- load_sparse
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_load_sparse_from_checkpoint(tmp_path, family):
+    model = pruned_tiny(family)
+    save_sparse(model, None, tmp_path / "s", progress=False)
+    sparse, tokenizer = load_sparse(tmp_path / "s", threads=1)
+    packed = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
+    assert len(packed) == len(decoder_linears(model))
+    assert all(not hasattr(m, "weight") for m in packed)  # no dense copy anywhere
+    assert timing.weight_bytes(sparse) < 0.7 * timing.weight_bytes(model)
+    assert not any(t.device.type == "meta" for t in [*sparse.parameters(), *sparse.buffers()])
+    if model.config.tie_word_embeddings:
+        assert sparse.get_output_embeddings().weight is sparse.get_input_embeddings().weight
+    ids = torch.randint(0, VOCAB, (1, 8))
+    dense, _ = load_pruned(tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-4)
+    assert torch.equal(timing.generate(sparse, ids, 8), timing.generate(dense, ids, 8))
+
+
+def test_load_sparse_dtype_threshold_and_hf_folder(tmp_path, tiny_model_dir):
+    model, tokenizer, _ = secateurs.load_model(str(tiny_model_dir))
+    secateurs.prune(model, secateurs.Recipe(method="magnitude", sparsity=0.6), progress=False)
+    save_pruned(model, tokenizer, tmp_path / "hf")
+    save_sparse(model, tokenizer, tmp_path / "s", progress=False)
+    ids = tokenizer("In the beginning", return_tensors="pt").input_ids
+    from_hf, tok = load_sparse(tmp_path / "hf")
+    from_sparse, _ = load_sparse(tmp_path / "s")
+    assert tok is not None
+    assert torch.equal(timing.generate(from_hf, ids, 6), timing.generate(from_sparse, ids, 6))
+    bf16, _ = load_sparse(tmp_path / "s", dtype="bfloat16")
+    assert {m.packed.dtype for m in bf16.modules() if isinstance(m, SparseLinear)} == {torch.bfloat16}
+    assert bf16.get_input_embeddings().weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(bf16(ids).logits.float(), model(ids).logits, atol=0.1, rtol=0.1)
+    unpacked, _ = load_sparse(tmp_path / "s", min_sparsity=0.9)  # 60% < 90%: every linear back to dense
+    assert not any(isinstance(m, SparseLinear) for m in unpacked.modules())
+    assert_bit_identical(unpacked, model)
+
+
+def test_sparse_model_survives_dtype_change():
+    model = pruned_tiny("opt")
+    to_sparse_linears(model)
+    model.to(torch.bfloat16)  # biases follow; packed values stay fp32 and the kernel takes bf16 activations
+    with torch.no_grad():
+        assert model(torch.randint(0, VOCAB, (1, 6))).logits.dtype == torch.bfloat16
+
+
+def test_sparsify_is_a_deprecated_alias():
+    model = pruned_tiny("llama")
+    with pytest.warns(DeprecationWarning, match="to_sparse_linears"):
+        summary = sparsify(model)
+    assert summary["converted"] == len(decoder_linears(pruned_tiny("llama")))
+    assert secateurs.sparsify is sparsify and secateurs.to_sparse_linears is to_sparse_linears
+
+
+# ------------------------------------------------------------------------------------------- real model
+@pytest.mark.slow
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_smollm2_sparse_greedy_equals_dense_masked(tmp_path, sparsity):
+    torch.set_num_threads(2)
+    model, tokenizer, _ = secateurs.load_model("smollm2-135m")
+    secateurs.prune(model, secateurs.Recipe(method="magnitude", sparsity=sparsity), progress=False)
+    save_sparse(model, tokenizer, tmp_path / "s", progress=False)
+    sparse, tok = load_sparse(tmp_path / "s")
+    assert sum(isinstance(m, SparseLinear) for m in sparse.modules()) == 210
+    ids = tok("The Lord is my shepherd; I shall not", return_tensors="pt").input_ids
+    want = timing.generate(model, ids, 20)
+    got = timing.generate(sparse, ids, 20)
+    assert torch.equal(got, want), (tok.decode(got[0]), tok.decode(want[0]))
+    back, _ = load_pruned(tmp_path / "s")
+    assert_bit_identical(model, back)
