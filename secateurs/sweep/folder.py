@@ -46,7 +46,7 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
 
 
-def _digest(obj) -> str:
+def settings_digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ from secateurs.oneshot.allocations.table import Table
 from secateurs.oneshot.prune import check_recipe, prune
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.walk import dense_walk
-from secateurs.sweep.folder import DENSE_KEY, FORMAT, SweepFolder, _digest
+from secateurs.sweep.folder import DENSE_KEY, FORMAT, SweepFolder, settings_digest
 from secateurs.sweep.grid import Grid, cell_key, restore_linears, snapshot_linears
 
 log = logging.getLogger("secateurs")
@@ -74,7 +74,7 @@ class Sweep:
         folder = SweepFolder(self.output)
         with folder.lock():
             folder.open(settings, self.fresh)
-            settings_hash = _digest(settings)
+            settings_hash = settings_digest(settings)
             done = folder.read_cells(settings_hash)
             todo = [r for r in recipes if cell_key(r) not in done]
             log.info("sweep: %d cells, %d already finished in %s", len(recipes), len(recipes) - len(todo), folder.path)

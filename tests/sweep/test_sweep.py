@@ -335,3 +335,31 @@ def test_sweep_refine_axis(tiny_model_dir, text_file, tmp_path):
     cell = json.loads((out / "cells" / "wanda-0.5-uniform-dsnot.json").read_text())
     linears = [lin for layer in cell["report"]["layers"] for lin in layer["linears"]]
     assert linears and all("dsnot" in lin["info"] for lin in linears)
+
+
+def test_sweep_update_axis_and_stage_settings(tiny_model_dir, text_file, tmp_path):
+    """--updates is an axis; a stage flag (--admm-iters) reaches every cell and is pinned in sweep.json."""
+    out = tmp_path / "sw"
+    grid = ["--methods", "wanda,ria", "--sparsities", "0.5", "--updates", "none,admm", "--admm-iters", "7"]
+    code, stdout, stderr = run_main(*sweep_args(tiny_model_dir, text_file, out, *grid), "--json")
+    assert code == 0, stderr
+    rows = [r for r in csv.DictReader((out / "results.csv").open()) if r["method"]]
+    assert sorted((r["method"], r["update"]) for r in rows) == [
+        ("ria", "admm"),
+        ("ria", "none"),
+        ("wanda", "admm"),
+        ("wanda", "none"),
+    ]
+    plain = json.loads((out / "cells" / "wanda-0.5-uniform.json").read_text())
+    cell = json.loads((out / "cells" / "wanda-0.5-uniform-admm.json").read_text())
+    assert cell["recipe"]["update"] == "admm" and cell["recipe"]["options"]["update"]["iters"] == 7
+    # the update keeps Wanda's masks of the first layer (later layers see the updated layers' outputs)
+    digests = [[lin["mask_sha256"] for lin in c["report"]["layers"][0]["linears"]] for c in (plain, cell)]
+    assert digests[0] == digests[1]
+    errors = [sum(lay["output_error"] for lay in c["report"]["layers"]) for c in (plain, cell)]
+    assert errors[1] < errors[0]
+    settings = json.loads((out / "sweep.json").read_text())["settings"]["recipe"]["stages"]
+    assert settings["update:admm"]["iters"] == 7 and "pruner:ria" in settings
+    # another ADMM setting is other settings: refused unless --fresh
+    code, _, stderr = run_main(*sweep_args(tiny_model_dir, text_file, out, *grid[:-1], "8"))
+    assert code == 2 and "iters: 7 -> 8" in stderr

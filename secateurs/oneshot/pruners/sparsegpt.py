@@ -71,7 +71,7 @@ def sparsegpt_prune(
         check_nm_width(cols, nm)
         if blocksize % nm.m:
             blocksize = nm.m * max(1, blocksize // nm.m)
-    with _fp32_matmul():
+    with fp32_matmul():
         W_out = W.detach().float().contiguous().clone()
         H = hessian(H_sum, nsamples).to(W_out.device)
         dead = torch.diag(H) == 0
@@ -118,7 +118,7 @@ def sparsegpt_prune(
     return W_out.to(W.dtype), mask, info
 
 
-class _fp32_matmul:
+class fp32_matmul:
     """Turn TF32 off on CUDA for the duration (SparseGPT needs full fp32 precision)."""
 
     def __enter__(self):

@@ -61,7 +61,7 @@ from typing import ClassVar
 
 import torch
 
-from secateurs.oneshot.pruners.sparsegpt import _fp32_matmul
+from secateurs.oneshot.pruners.sparsegpt import fp32_matmul
 from secateurs.oneshot.select import NM, check_nm_width, n_of_m
 from secateurs.oneshot.stage import GRAM, Pruner, StageOutput, Target, Update, option
 
@@ -111,7 +111,7 @@ def admm_update(
 
     Returns (weight in fp32 with exact zeros on the mask, info). ``H_sum`` is sum x x^T [cols, cols].
     """
-    with torch.no_grad(), _fp32_matmul():
+    with torch.no_grad(), fp32_matmul():
         problem = _Problem(W_dense, H_sum, rho, percdamp)
         mask = mask.to(problem.W0n.device)
         W = problem.W0n.clone()
@@ -189,7 +189,7 @@ def admm_gradual_prune(
         check_nm_width(cols, nm)
         sparsity = nm.sparsity
     target = Target(sparsity, nm)
-    with torch.no_grad(), _fp32_matmul():
+    with torch.no_grad(), fp32_matmul():
         problem = _Problem(W, H_sum, rho, percdamp)
         W = problem.W0n.clone()
         U = torch.zeros_like(W)
