@@ -137,7 +137,7 @@ def main() -> None:
             print(
                 f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {r['prune_seconds']:.1f} | "
                 f"{r['forward_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} | {r['sparsity']:.4f} | "
-                f"{r['mean_output_error']:.4f} |"
+                f"{'' if r['mean_output_error'] is None else format(r['mean_output_error'], '.4f')} |"
             )
     if args.json:
         with open(args.json, "w") as f:

@@ -34,12 +34,13 @@ def as_recipe(recipe: Recipe | str | dict) -> Recipe:
 
 def check_recipe(model: nn.Module, recipe: Recipe) -> None:
     """Every check that needs only the model's shapes and the recipe: run before any forward pass."""
+    layers_name, layers = find_layers(model)
     if isinstance(recipe.allocation, Table):
         recipe.allocation.check_file()
+        recipe.allocation.allocate(recipe.sparsity, [f"{layers_name}.{i}" for i in range(len(layers))], None)
     nm = recipe.nm
     if nm is None:
         return
-    layers_name, layers = find_layers(model)
     for index, layer in enumerate(layers):
         for name, module in prunable_linears(layer, f"{layers_name}.{index}", recipe.excluded).items():
             full = f"{layers_name}.{index}.{name}"

@@ -675,6 +675,24 @@ def test_missing_allocation_file_fails_before_loading(tiny_model_dir, tmp_path):
     assert "allocation file not found" in assert_one_error(code, stdout, stderr)
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"0": 0.5, "model.layers.7": 0.5}', "unknown layer 'model.layers.7'"),
+        ('{"0": 0.5}', "no sparsity for 2 layer"),
+    ],
+)
+def test_bad_allocation_table_fails_before_any_forward_pass(tiny_model_dir, tmp_path, text_file, content, message):
+    """A table that does not fit the model's layers is refused right after loading, before the dense evaluation."""
+    path = tmp_path / "alloc.json"
+    path.write_text(content)
+    code, stdout, stderr = run_main(
+        "prune", tiny_model_dir, "--allocation", path, "--eval", text_file, "--seqlen", 32, "--calibration", text_file
+    )
+    assert message in assert_one_error(code, stdout, stderr)
+    assert "dense perplexity" not in stderr
+
+
 def test_prune_with_dsnot(tiny_model_dir, text_file):
     code, stdout, stderr = run_main(
         "prune",
