@@ -158,6 +158,8 @@ def cmd_prune(args) -> dict:
     calibration = Calibration(args.calibration, args.nsamples, args.seqlen, args.seed)
     device = default_device(args.device)
     output = check_output(args.output, args.overwrite) if args.output else None
+    if output is None:
+        log.warning("no --output: the pruned model will not be saved")
     do_eval = args.eval and args.eval.lower() != "none"
     # fail on a bad source now, not after minutes of work
     if recipe.needs_calibration:

@@ -11,6 +11,8 @@ from pathlib import Path
 from secateurs.errors import SecateursError
 
 REPORT_NAME = "report.json"
+# files only a secateurs output folder holds: --overwrite replaces a folder only when one of them is there
+OUTPUT_MARKERS = (REPORT_NAME, "model.sparse.safetensors", "masks.safetensors")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -27,14 +29,27 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise SecateursError(f"output {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise SecateursError(f"output folder {path} exists and is not empty (use --overwrite to replace it)")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise SecateursError(f"output folder {path} exists and is not empty (use --overwrite to replace it)")
+        if not is_output_folder(path):
+            raise SecateursError(
+                f"output folder {path} holds no secateurs output ({', '.join(OUTPUT_MARKERS)}): --overwrite only "
+                "replaces a folder that secateurs wrote; choose a new or empty folder"
+            )
+        if Path.cwd().resolve().is_relative_to(path.resolve()) or path.resolve() == Path.home().resolve():
+            raise SecateursError(f"refusing to overwrite {path}: it is the current folder, a parent of it, or home")
     base = _nearest_existing(path.parent)
     if not base.is_dir():
         raise SecateursError(f"cannot create output folder {path}: {base} is not a folder")
     if not os.access(base, os.W_OK | os.X_OK):
         raise SecateursError(f"cannot create output folder {path}: {base} is not writable")
     return path
+
+
+def is_output_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds what secateurs writes (a report, a sparse checkpoint or masks)."""
+    return any((Path(path) / name).is_file() for name in OUTPUT_MARKERS)
 
 
 class AtomicFolder:

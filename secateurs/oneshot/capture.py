@@ -28,6 +28,11 @@ class LayerCall:
         return layer(hidden, *self.args, **self.kwargs)
 
 
+class LastLayerRecorded(Exception):
+    """Raised by the recorder once the last decoder layer's call is recorded: the rest of the forward pass (the
+    final norm and the LM head, 262k wide on Gemma 3) is not needed and is not run."""
+
+
 class Recorder:
     """Stands in for every decoder layer during capture: records the call, passes hidden states through."""
 
@@ -58,6 +63,8 @@ class Recorder:
             if self.tuple_output is None:  # learn the layer's output convention from one real call
                 self.tuple_output = isinstance(call(real_forward, hidden), tuple)
             self.calls[index].append(call)
+            if index == len(self.layers) - 1:
+                raise LastLayerRecorded
             return (hidden,) if self.tuple_output else hidden
 
         return forward
@@ -103,7 +110,10 @@ def capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, p
     try:
         with OnDevice(model, layers_name, device), Recorder(layers) as rec:
             for row in tqdm(calibration, desc="capturing inputs", disable=not progress, leave=False):
-                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                try:
+                    model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                except LastLayerRecorded:
+                    pass
     finally:
         layers[0].to(layer0_home)
     for per_layer in rec.calls:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 from dataclasses import asdict
@@ -13,7 +14,7 @@ from secateurs import data
 from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
 from secateurs.measure import PeakMemory
-from secateurs.models import check_seqlen, default_device, find_layers, weight_view
+from secateurs.models import check_seqlen, default_device, find_layers, find_linears, weight_view
 from secateurs.oneshot.allocations.table import Table
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.result import PruneReport
@@ -35,6 +36,16 @@ def as_recipe(recipe: Recipe | str | dict) -> Recipe:
 def check_recipe(model: nn.Module, recipe: Recipe) -> None:
     """Every check that needs only the model's shapes and the recipe: run before any forward pass."""
     layers_name, layers = find_layers(model)
+    if recipe.exclude:
+        names = [f"{layers_name}.{i}.{n}" for i, layer in enumerate(layers) for n in find_linears(layer)]
+        kept = [n for n in names if not recipe.excluded(n)]
+        if not kept:
+            raise SecateursError(
+                f"--exclude {' '.join(recipe.exclude)} matches every prunable linear ({len(names)}): nothing to prune"
+            )
+        for pattern in recipe.exclude:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                log.warning("--exclude %r matches no linear (names look like %s)", pattern, names[0])
     if isinstance(recipe.allocation, Table):
         recipe.allocation.check_file()
         recipe.allocation.allocate(recipe.sparsity, [f"{layers_name}.{i}" for i in range(len(layers))], None)

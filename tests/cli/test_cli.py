@@ -287,7 +287,16 @@ def test_prune_exclude_leaves_linears_dense(tiny_model_dir, text_file, tmp_path)
         assert int((W == 0).sum()) == (0 if name.endswith("down_proj") else W.numel() // 2), name
 
 
-def test_prune_without_output_saves_nothing(tiny_model_dir, text_file, tmp_path, monkeypatch):
+def test_exclude_matching_every_linear_is_an_error_and_matching_none_a_warning(tiny_model_dir, tmp_path, caplog):
+    code, stdout, stderr = run_main(*magnitude_args(tiny_model_dir, tmp_path / "a", "--exclude", "*"))
+    assert "matches every prunable linear" in assert_one_error(code, stdout, stderr)
+    assert not (tmp_path / "a").exists()
+    code, stdout, stderr = run_main(*magnitude_args(tiny_model_dir, tmp_path / "b", "--exclude", "*.mlp.nothing"))
+    assert code == 0, stderr
+    assert "--exclude '*.mlp.nothing' matches no linear" in caplog.text
+
+
+def test_prune_without_output_saves_nothing(tiny_model_dir, text_file, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     code, stdout, stderr = run_main(
         "prune", tiny_model_dir, "--method", "magnitude", "--eval", "none", *FAST, "--json", "--quiet"
@@ -296,6 +305,7 @@ def test_prune_without_output_saves_nothing(tiny_model_dir, text_file, tmp_path,
     report = json.loads(stdout)
     assert report["output"] is None and report["sparsity"] == 0.5
     assert list(tmp_path.iterdir()) == []
+    assert "no --output: the pruned model will not be saved" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -448,12 +458,29 @@ def test_output_non_empty_is_refused_then_replaced_with_overwrite(tiny_model_dir
     assert (out / "keep.txt").read_text() == "precious\n"
     assert partials(out) == []
 
+    # --overwrite never deletes a folder that is not a secateurs output
+    code, stdout, stderr = run_main(*magnitude_args(tiny_model_dir, out, "--json", "--overwrite"))
+    assert "holds no secateurs output" in assert_one_error(code, stdout, stderr)
+    assert (out / "keep.txt").read_text() == "precious\n" and partials(out) == []
+
+    (out / "report.json").write_text("{}\n")  # an earlier secateurs output: replaced
     code, stdout, stderr = run_main(*magnitude_args(tiny_model_dir, out, "--json", "--overwrite"))
     assert code == 0, stderr
     assert not (out / "keep.txt").exists()
     assert json.loads((out / "report.json").read_text()) == json.loads(stdout)
     load(out)
     assert partials(out) == []
+
+
+def test_overwrite_refuses_the_current_folder_and_its_parents(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "report.json").write_text("{}\n")
+    monkeypatch.chdir(out / "sub")
+    for target in (out, ".."):
+        code, stdout, stderr = run_main(*magnitude_args(tiny_model_dir, target, "--overwrite"))
+        assert code == 2 and "secateurs: error:" in stderr
+    assert (out / "sub").is_dir() and (out / "report.json").is_file()
 
 
 def test_output_empty_folder_is_used(tiny_model_dir, tmp_path):

@@ -346,3 +346,16 @@ def test_half_precision_on_cpu(dtype, method, pattern, refine):
     with torch.no_grad():
         logits = model(windows).logits
     assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_capture_stops_after_the_last_decoder_layer():
+    """Recording the layers' inputs never runs the LM head (the forward pass stops after the last layer's call)."""
+    from secateurs.oneshot.capture import capture
+
+    model = tiny_model("llama")
+    heads = []
+    model.lm_head.register_forward_hook(lambda *a: heads.append(1))
+    inputs, calls = capture(model, torch.randint(0, VOCAB, (3, 12)), torch.device("cpu"), progress=False)
+    assert heads == [] and len(inputs) == 3 and all(len(per_layer) == 3 for per_layer in calls)
+    model(torch.randint(0, VOCAB, (1, 4)))  # the model is whole again afterwards
+    assert heads == [1]
