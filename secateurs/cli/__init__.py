@@ -10,8 +10,8 @@ import sys
 import time
 
 from secateurs import data
-from secateurs.cli.options import PAPER_HINT, add_common, add_eval, add_tasks
-from secateurs.cli.stages import add_stage_choices, add_stage_settings, check_recipe_file, recipe_from_args
+from secateurs.cli.options import PAPER_HINT, add_common, add_eval, add_tasks, bos_choice
+from secateurs.cli.stages import add_stage_choices, add_stage_settings, recipe_from_args
 from secateurs.errors import SecateursError
 from secateurs.evaluate.zeroshot import check_tasks, format_table
 from secateurs.oneshot.allocations.table import Table
@@ -109,10 +109,6 @@ def setup_logging(quiet: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def _bos(arg: str):
-    return {"auto": None, "always": True, "never": False}[arg]
-
-
 def _evaluate(model, tokenizer, args, label: str):
     from secateurs.api import evaluate
 
@@ -122,7 +118,7 @@ def _evaluate(model, tokenizer, args, label: str):
         args.eval,
         seqlen=args.seqlen,
         max_windows=args.eval_windows,
-        bos=_bos(args.bos),
+        bos=bos_choice(args.bos),
         progress=not args.quiet,
     )
     log.info("%s perplexity %.3f  [%s]", label, result.perplexity, result.protocol)
@@ -153,7 +149,6 @@ def cmd_prune(args) -> dict:
     from secateurs.models import default_device, load_model
     from secateurs.oneshot.prune import check_recipe, prune
 
-    check_recipe_file(args.recipe)
     recipe = recipe_from_args(args)
     calibration = Calibration(args.calibration, args.nsamples, args.seqlen, args.seed)
     device = default_device(args.device)

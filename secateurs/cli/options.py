@@ -89,3 +89,8 @@ def _windows(text: str):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def bos_choice(arg: str) -> bool | None:
+    """``--bos auto|always|never`` as ``evaluate(bos=...)`` takes it."""
+    return {"auto": None, "always": True, "never": False}[arg]

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from pathlib import Path
 
-from secateurs.errors import SecateursError
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.registry import KINDS, all_stages
 
@@ -134,13 +132,3 @@ def recipe_from_args(args) -> Recipe:
     if unused:
         log.warning("settings for %s given, but that stage is not in the recipe: ignored", ", ".join(unused))
     return Recipe.from_dict({**base, "options": options})
-
-
-def sweep_settings(args) -> dict[str, dict]:
-    """Stage settings shared by every cell of a sweep (stage name -> {setting: value})."""
-    return given_settings(args)
-
-
-def check_recipe_file(path: str | None) -> None:
-    if path and not Path(path).is_file():
-        raise SecateursError(f"recipe file not found: {path}")

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from secateurs.analysis.summary import DEFAULT_TOLERANCE
-from secateurs.cli.options import add_common, add_eval
-from secateurs.cli.stages import add_stage_choices, add_stage_settings, sweep_settings
+from secateurs.cli.options import add_common, add_eval, bos_choice
+from secateurs.cli.stages import add_stage_choices, add_stage_settings, given_settings
 from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
 from secateurs.sweep import CELLS, Grid, Sweep
@@ -76,7 +76,7 @@ def run(args) -> dict:
         allocations=_split(args.allocations),
         refines=[None if r.lower() == "none" else r for r in _split(args.refine)],
         updates=[None if u.lower() == "none" else u for u in _split(args.updates)],
-        settings=sweep_settings(args),
+        settings=given_settings(args),
         exclude=args.exclude,
     )
     sweep = Sweep(
@@ -86,7 +86,7 @@ def run(args) -> dict:
         calibration=Calibration(args.calibration, args.nsamples, args.seqlen, args.seed),
         eval_source=args.eval,
         eval_windows=args.eval_windows,
-        bos={"auto": None, "always": True, "never": False}[args.bos],
+        bos=bos_choice(args.bos),
         dtype=args.dtype,
         device=args.device,
         tolerance=args.knee_tolerance,

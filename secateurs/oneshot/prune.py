@@ -36,16 +36,8 @@ def as_recipe(recipe: Recipe | str | dict) -> Recipe:
 def check_recipe(model: nn.Module, recipe: Recipe) -> None:
     """Every check that needs only the model's shapes and the recipe: run before any forward pass."""
     layers_name, layers = find_layers(model)
-    if recipe.exclude:
-        names = [f"{layers_name}.{i}.{n}" for i, layer in enumerate(layers) for n in find_linears(layer)]
-        kept = [n for n in names if not recipe.excluded(n)]
-        if not kept:
-            raise SecateursError(
-                f"--exclude {' '.join(recipe.exclude)} matches every prunable linear ({len(names)}): nothing to prune"
-            )
-        for pattern in recipe.exclude:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                log.warning("--exclude %r matches no linear (names look like %s)", pattern, names[0])
+    if recipe.exclude and all(recipe.excluded(n) for n in linear_names(model)):
+        raise SecateursError(f"--exclude {' '.join(recipe.exclude)} matches every prunable linear: nothing to prune")
     if isinstance(recipe.allocation, Table):
         recipe.allocation.check_file()
         recipe.allocation.allocate(recipe.sparsity, [f"{layers_name}.{i}" for i in range(len(layers))], None)
@@ -61,6 +53,19 @@ def check_recipe(model: nn.Module, recipe: Recipe) -> None:
                     f"N:M pattern {nm} needs input widths divisible by {nm.m}, but {full} has {cols}; "
                     f"exclude it (exclude=['{full}'] / --exclude) to leave it dense"
                 )
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of every linear in the decoder layers (what the walk may prune)."""
+    layers_name, layers = find_layers(model)
+    return [f"{layers_name}.{i}.{n}" for i, layer in enumerate(layers) for n in find_linears(layer)]
+
+
+def warn_unused_exclusions(model: nn.Module, recipe: Recipe) -> None:
+    names = linear_names(model)
+    for pattern in recipe.exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            log.warning("--exclude %r matches no linear (names look like %s)", pattern, names[0])
 
 
 def layer_targets(recipe: Recipe, sparsities: list[float]) -> list[Target]:
@@ -111,6 +116,7 @@ def prune(
     recipe = as_recipe(recipe)
     device = default_device(device) if not isinstance(device, torch.device) else device
     check_recipe(model, recipe)
+    warn_unused_exclusions(model, recipe)
     windows, calib_meta = calibration_windows(model, recipe, calibration, tokenizer)
     layers_name, layers = find_layers(model)
     layer_names = [f"{layers_name}.{i}" for i in range(len(layers))]

@@ -33,7 +33,8 @@ def stage_class(kind: str, name: str) -> type[Stage]:
     table = KINDS[kind]
     key = str(name).strip().lower()
     if key not in table:
-        raise SecateursError(f"unknown {WORDS[kind]} {name!r}: choose one of {', '.join(table)}")
+        choices = ", ".join(n for n in table if n != "table") + (", or a .json file" if kind == "allocation" else "")
+        raise SecateursError(f"unknown {WORDS[kind]} {name!r}: choose one of {choices}")
     return table[key]
 
 

@@ -18,6 +18,7 @@ the engine collects exactly those and never asks which method it runs.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -81,11 +82,25 @@ class Stage:
             raise SecateursError(
                 f"unknown setting(s) for {cls.name}: {', '.join(unknown)} (known: {', '.join(sorted(known)) or 'none'})"
             )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        return cls(**{k: _typed(cls.name, k, types[k], v) for k, v in options.items()})
 
     def check(self, condition: bool, message: str) -> None:
         if not condition:
             raise SecateursError(f"{self.name}: {message}")
+
+
+def _typed(stage: str, name: str, kind: str, value):
+    """A setting read from a file or a dict, checked against its field's type (one clear error otherwise)."""
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind.startswith("tuple") and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    expected = {"int": int, "bool": bool, "str": str}.get(kind)
+    if expected is not None and isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+        return value
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    raise SecateursError(f"{stage}: setting {name} must be {words.get(kind, 'a list of strings')}, got {value!r}")
 
 
 def _plain(value):
@@ -111,8 +126,6 @@ class Refiner(Stage):
     targets: tuple[str, ...] = option((), "refine only linears whose name matches (globs; empty: every pruned one)")
 
     def applies(self, name: str) -> bool:
-        import fnmatch
-
         return not self.targets or any(fnmatch.fnmatchcase(name, pat) for pat in self.targets)
 
     def refine(self, W_dense: torch.Tensor, W: torch.Tensor, mask: torch.Tensor, stats, target: Target) -> StageOutput:

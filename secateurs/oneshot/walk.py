@@ -74,26 +74,36 @@ def run_stages(
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The linear stages on one weight [rows, cols]: returns (new weight, mask True = pruned, details).
 
-    Pruned positions are exactly zero after every stage; the weight keeps its dtype.
+    Pruned positions are exactly zero after every stage; the weight keeps its dtype. The dense weight is copied
+    only when a refiner or an update will read it.
     """
-    W_dense = W.detach().clone()
-    out = _checked(stages.pruner, stages.pruner.prune(W_dense.clone(), stats, target), W)
+    later = [s for s in (stages.refiner, stages.update) if s is not None and _applies(s, name)]
+    W_dense = W.detach().clone() if later else None
+    out = _checked(stages.pruner, stages.pruner.prune(W.detach().clone(), stats, target), W, W_dense)
     weight, mask, info = out.weight, out.mask, dict(out.info)
-    for stage in (stages.refiner, stages.update):
-        if stage is None or (isinstance(stage, Refiner) and not stage.applies(name)):
-            continue
+    for stage in later:
         run = stage.refine if isinstance(stage, Refiner) else stage.update
-        out = _checked(stage, run(W_dense, weight, mask, stats, target), W)
+        out = _checked(stage, run(W_dense, weight, mask, stats, target), W, W_dense)
         weight, mask = out.weight, out.mask
         info[stage.name] = out.info
     return weight, mask, info
 
 
-def _checked(stage, out: StageOutput, W: torch.Tensor) -> StageOutput:
-    """Hold every stage to the contract: same shape, W's dtype, a bool mask, exact zeros where pruned."""
+def _applies(stage, name: str) -> bool:
+    return not isinstance(stage, Refiner) or stage.applies(name)
+
+
+def _checked(stage, out: StageOutput, W: torch.Tensor, W_dense: torch.Tensor | None) -> StageOutput:
+    """Hold every stage to the contract: same shape, W's dtype, a bool mask, exact zeros where pruned.
+
+    A weight returned as the dense copy itself is copied before its pruned positions are zeroed, so later stages
+    still see the dense values.
+    """
     if out.weight.shape != W.shape or out.mask.shape != W.shape or out.mask.dtype != torch.bool:
         raise RuntimeError(f"{stage.kind} {stage.name} returned a weight or mask of the wrong shape or type")
-    weight = out.weight.to(W.dtype).clone() if out.weight.data_ptr() == W.data_ptr() else out.weight.to(W.dtype)
+    weight = out.weight.to(W.dtype)
+    if W_dense is not None and weight.data_ptr() == W_dense.data_ptr():
+        weight = weight.clone()
     weight[out.mask] = 0
     return StageOutput(weight, out.mask, out.info)
 

@@ -83,6 +83,8 @@ class Sweep:
 
             log.info("loading %s", self.model)
             model, tokenizer, description = load_model(self.model, self.dtype)
+            for recipe in todo:  # N:M widths, allocation tables ...: every cell, before the dense pass
+                check_recipe(model, recipe)
             if device.type == "cuda":
                 model.to(device)
             saved = snapshot_linears(model)
@@ -141,7 +143,6 @@ class Sweep:
                 key = cell_key(recipe)
                 bar.set_postfix_str(key)
                 restore_linears(model, saved)
-                check_recipe(model, recipe)
                 report = prune(
                     model,
                     recipe,

@@ -80,6 +80,11 @@ def test_recipe_stage_as_a_dict_and_legacy_flat_reports():
         ({"options": {"method": {"block": 3}}, "method": "sparsegpt"}, "unknown setting(s) for sparsegpt: block"),
         ({"colour": "red"}, "unknown recipe field(s): colour"),
         ({"method": secateurs.DSnoT()}, "dsnot is a refiner, not a pruner"),
+        ({"method": "sparsegpt", "options": {"method": {"blocksize": "abc"}}}, "setting blocksize must be an integer"),
+        ({"method": "sparsegpt", "options": {"method": {"blocksize": True}}}, "setting blocksize must be an integer"),
+        ({"refine": "dsnot", "options": {"refine": {"targets": 5}}}, "setting targets must be a list of strings"),
+        ({"method": "ria", "options": {"method": {"permute": "yes"}}}, "setting permute must be true or false"),
+        ({"allocation": "zigzag"}, "choose one of uniform, owl, or a .json file"),
     ],
 )
 def test_bad_recipes_give_one_clear_error(spec, message):

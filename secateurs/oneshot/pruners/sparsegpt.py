@@ -131,18 +131,23 @@ class fp32_matmul:
 
 
 @dataclass(frozen=True)
-class SparseGPT(Pruner):
-    name: ClassVar[str] = "sparsegpt"
-    summary: ClassVar[str] = "column by column, the kept weights absorb the error through the inverse Hessian"
-    needs: ClassVar[frozenset[str]] = frozenset({GRAM})
-    flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"blocksize": ("--blocksize",), "percdamp": ("--percdamp",)}
+class OBSSettings:
+    """The settings SparseGPT's pruner and its fixed-mask update share."""
 
-    blocksize: int = option(128, "column block: the unstructured mask is chosen once per block")
+    blocksize: int = option(128, "column block of the lazy batched updates (the unstructured mask: once per block)")
     percdamp: float = option(0.01, "damping added to diag H, as a fraction of its mean")
 
     def __post_init__(self) -> None:
         self.check(self.blocksize >= 1, f"blocksize must be positive, got {self.blocksize}")
         self.check(self.percdamp > 0, f"percdamp must be positive, got {self.percdamp}")
+
+
+@dataclass(frozen=True)
+class SparseGPT(OBSSettings, Pruner):
+    name: ClassVar[str] = "sparsegpt"
+    summary: ClassVar[str] = "column by column, the kept weights absorb the error through the inverse Hessian"
+    needs: ClassVar[frozenset[str]] = frozenset({GRAM})
+    flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"blocksize": ("--blocksize",), "percdamp": ("--percdamp",)}
 
     def prune(self, W: torch.Tensor, stats, target: Target) -> StageOutput:
         new_W, mask, details = sparsegpt_prune(
@@ -152,19 +157,12 @@ class SparseGPT(Pruner):
 
 
 @dataclass(frozen=True)
-class SparseGPTUpdate(Update):
+class SparseGPTUpdate(OBSSettings, Update):
     """SparseGPT's OBS updates on a mask chosen by another pruner (e.g. Wanda's mask, SparseGPT's weights)."""
 
     name: ClassVar[str] = "sparsegpt"
     summary: ClassVar[str] = "SparseGPT's column-by-column OBS reconstruction of the kept weights"
     needs: ClassVar[frozenset[str]] = frozenset({GRAM})
-
-    blocksize: int = option(128, "column block of the lazy batched updates")
-    percdamp: float = option(0.01, "damping added to diag H, as a fraction of its mean")
-
-    def __post_init__(self) -> None:
-        self.check(self.blocksize >= 1, f"blocksize must be positive, got {self.blocksize}")
-        self.check(self.percdamp > 0, f"percdamp must be positive, got {self.percdamp}")
 
     def update(self, W_dense, W, mask, stats, target: Target) -> StageOutput:
         new_W, _, details = sparsegpt_prune(

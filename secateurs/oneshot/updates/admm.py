@@ -218,12 +218,8 @@ def _info(problem: _Problem, iters: int, residual: float) -> dict:
 
 
 @dataclass(frozen=True)
-class ADMM(Update):
-    """ADMM reconstruction of the kept weights of a mask chosen by another pruner (Boža, 2024)."""
-
-    name: ClassVar[str] = "admm"
-    summary: ClassVar[str] = "ADMM least-squares reconstruction of the kept weights (one factorisation of H)"
-    needs: ClassVar[frozenset[str]] = frozenset({GRAM})
+class ADMMSettings:
+    """The settings the ADMM update and the gradual ADMM pruner share."""
 
     iters: int = option(20, "ADMM iterations")
     rho: float = option(1.0, "ADMM penalty, on the Hessian normalised to unit diagonal")
@@ -234,33 +230,37 @@ class ADMM(Update):
         self.check(self.rho > 0, f"rho must be positive, got {self.rho}")
         self.check(self.percdamp >= 0, f"percdamp must be non-negative, got {self.percdamp}")
 
+
+@dataclass(frozen=True)
+class ADMM(ADMMSettings, Update):
+    """ADMM reconstruction of the kept weights of a mask chosen by another pruner (Boža, 2024)."""
+
+    name: ClassVar[str] = "admm"
+    summary: ClassVar[str] = "ADMM least-squares reconstruction of the kept weights (one factorisation of H)"
+    needs: ClassVar[frozenset[str]] = frozenset({GRAM})
+
     def update(self, W_dense, W, mask, stats, target: Target) -> StageOutput:
         new_W, info = admm_update(W_dense, stats.H_sum, mask, self.iters, self.rho, self.percdamp)
         return StageOutput(new_W.to(W.dtype), mask, info)
 
 
 @dataclass(frozen=True)
-class ADMMGradual(Pruner):
+class ADMMGradual(ADMMSettings, Pruner):
     """ADMM whose mask rises to the target over the first iterations, chosen from the iterates (Boža, 2024)."""
 
     name: ClassVar[str] = "admm-gradual"
     summary: ClassVar[str] = "ADMM reconstruction with the mask chosen gradually (cubic schedule) from its iterates"
     needs: ClassVar[frozenset[str]] = frozenset({GRAM})
 
-    iters: int = option(20, "ADMM iterations in all")
     gradual_iters: int = option(15, "iterations over which the sparsity rises to the target (0: mask chosen once)")
-    rho: float = option(1.0, "ADMM penalty, on the Hessian normalised to unit diagonal")
-    percdamp: float = option(0.1, "ridge towards the dense weights: this fraction of mean diag(normalised H) is added")
     group: str = option("matrix", "unstructured only: prune per matrix (one threshold, the reference's) or per row")
 
     def __post_init__(self) -> None:
-        self.check(self.iters >= 1, f"iters must be at least 1, got {self.iters}")
+        super().__post_init__()
         self.check(
             0 <= self.gradual_iters <= self.iters,
             f"gradual_iters must be in [0, iters={self.iters}], got {self.gradual_iters}",
         )
-        self.check(self.rho > 0, f"rho must be positive, got {self.rho}")
-        self.check(self.percdamp >= 0, f"percdamp must be non-negative, got {self.percdamp}")
         self.check(self.group in GROUPS, f"group must be one of {', '.join(GROUPS)}, got {self.group!r}")
 
     def prune(self, W: torch.Tensor, stats, target: Target) -> StageOutput:
