@@ -1,0 +1,1 @@
+"""One file per sparse-training method; ``secateurs.train.registry`` lists them by name."""
