@@ -7,6 +7,7 @@
 from secateurs.train.method import Method
 from secateurs.train.methods.gmp import GMP
 from secateurs.train.methods.kernel import KernelRigL
+from secateurs.train.methods.rest import REST
 from secateurs.train.methods.rigl import RigL
 from secateurs.train.methods.set import SET
 from secateurs.train.methods.srste import SRSTE
@@ -17,6 +18,7 @@ from secateurs.train.sparse import SparseTraining, find_targets, layer_densities
 __all__ = [
     "GMP",
     "METHODS",
+    "REST",
     "SET",
     "SRSTE",
     "KernelRigL",

@@ -6,12 +6,13 @@ from secateurs.errors import SecateursError
 from secateurs.train.method import Method
 from secateurs.train.methods.gmp import GMP
 from secateurs.train.methods.kernel import KernelRigL
+from secateurs.train.methods.rest import REST
 from secateurs.train.methods.rigl import RigL
 from secateurs.train.methods.set import SET
 from secateurs.train.methods.srste import SRSTE
 from secateurs.train.methods.static import Static
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Static, GMP, SET, RigL, SRSTE, KernelRigL)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Static, GMP, SET, RigL, SRSTE, KernelRigL, REST)}
 
 
 def method_from(spec) -> Method:

@@ -203,8 +203,9 @@ def test_kernel_granularity_prunes_whole_kernels():
     assert sparse.history
     for _name, m in sparse.layers.items():
         zero_kernels = (m.weight.flatten(2) == 0).all(dim=2)
-        assert (zero_kernels == ~m.sparse_keep.view(zero_kernels.shape)).all()
-        assert int(zero_kernels.sum()) == zero_kernels.numel() - M.kept_count(zero_kernels.numel(), 0.2)
+        inactive = ~m.sparse_keep.view(zero_kernels.shape)
+        assert zero_kernels[inactive].all()  # every inactive kernel is zero, whole
+        assert int(inactive.sum()) == inactive.numel() - M.kept_count(inactive.numel(), 0.2)
 
 
 # ---- SR-STE
@@ -339,3 +340,17 @@ def test_torch_compile():
     assert len(sparse.history) == 2  # steps 2 and 4, before T_end = 6
     for m in sparse.layers.values():
         assert (m.weight[~m.sparse_keep] == 0).all()
+
+
+def test_rest_draws_conflicting_samples_upweight_times_as_often():
+    from secateurs.train import REST
+
+    conflicting = torch.zeros(1000, dtype=torch.bool)
+    conflicting[:10] = True  # 1% conflicting
+    method = REST(upweight=80.0)
+    w = method.sample_weights(conflicting)
+    assert w[:10].eq(80).all() and w[10:].eq(1).all()
+    draws = torch.tensor(list(method.sampler(conflicting, torch.Generator().manual_seed(0), 200_000)))
+    share = (draws < 10).double().mean().item()
+    assert share == pytest.approx(800 / (800 + 990), abs=0.01)  # 80*10 / (80*10 + 990)
+    assert method.grows_by_gradient and method_from("rest").alpha == 0.5

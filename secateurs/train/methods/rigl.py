@@ -3,9 +3,11 @@ f_t = alpha/2 (1 + cos(pi t / T_end)) fraction of its active weights with the sm
 many inactive ones with the largest dense-gradient magnitude (the gradient of that step only); grown weights
 start at zero and their optimizer state is reset. Counts are kept per layer.
 
-Difference from the reference: the reference skips the optimizer step at an update step; here the optimizer
-steps as usual (``optimizer.step(); sparse.step()``) and the update uses the weights after that step and the
-gradient it took.
+As in the reference (google-research/rigl ``sparse_optimizers_base.py``): per-layer drop count floor(f_t * active),
+the just-dropped are candidates for regrowth, and a weight dropped and regrown in one update keeps its value.
+Differences: the reference skips the optimizer step at an update step; here the optimizer steps as usual
+(``optimizer.step(); sparse.step()``) and the update uses the weights after that step and the gradient it took.
+The optimizer state of dropped weights is zeroed too (the reference leaves it; the weights are masked anyway).
 """
 
 from __future__ import annotations
@@ -51,9 +53,13 @@ class RigL(Method):
         return schedules.on_interval(step, self.interval, 0, run_end(self.end, total) - 1)
 
     def update(self, layer: Layer, step: int, total: int | None, generator: torch.Generator) -> Update:
-        if layer.grow_scores is None:
+        if not self.grows_by_gradient:
+            grow = torch.rand(tuple(layer.keep.shape), generator=generator).to(layer.keep.device)
+        elif layer.grow_scores is None:
             raise SecateursError(f"{self.name}: no gradient was recorded for {layer.name} at step {step}")
-        count = round(self.fraction(step, total) * int(layer.keep.sum()))
+        else:
+            grow = layer.grow_scores.to(layer.keep.device)
+        count = int(self.fraction(step, total) * int(layer.keep.sum()))  # floor, as the references
         drop = M.unit_scores(layer.weight, self.unit).to(layer.keep.device)
-        keep, dropped, grown = M.drop_and_grow(layer.keep, drop, layer.grow_scores.to(layer.keep.device), count)
+        keep, dropped, grown = M.drop_and_grow(layer.keep, drop, grow, count)
         return Update(keep, dropped, grown)

@@ -52,7 +52,7 @@ class SET(Method):
         return torch.rand(tuple(layer.keep.shape), generator=generator).to(layer.keep.device)
 
     def update(self, layer: Layer, step: int, total: int | None, generator: torch.Generator) -> Update:
-        count = round(self.fraction(step, total) * int(layer.keep.sum()))
+        count = int(self.fraction(step, total) * int(layer.keep.sum()))  # floor, as the references
         drop = M.unit_scores(layer.weight, self.unit).to(layer.keep.device)
         keep, dropped, grown = M.drop_and_grow(layer.keep, drop, self.grow_scores(layer, generator), count)
         return Update(keep, dropped, grown)
