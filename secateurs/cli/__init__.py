@@ -25,6 +25,7 @@ _EXTRA_COMMANDS = {
     "report": "secateurs.cli.report",
     "compress": "secateurs.checkpoint",
     "bench": "secateurs.runtime.bench",
+    "finetune": "secateurs.cli.finetune",
 }
 
 
