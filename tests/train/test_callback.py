@@ -1,0 +1,58 @@
+"""A real transformers.Trainer run with the sparse-training callback: masks kept, counts exact, updates made."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from secateurs.train import RigL
+from secateurs.train import masks as M
+from secateurs.train.callback import SparseTrainingCallback
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x, labels=None):
+        logits = self.fc2(torch.relu(self.fc1(x)))
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(96, 16, generator=g), torch.randint(0, 4, (96,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def test_trainer_keeps_the_model_sparse(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier()
+    callback = SparseTrainingCallback(RigL(interval=3), sparsity=0.8, distribution="uniform")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+    )
+    Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback]).train()
+    sparse = callback.sparse
+    assert sparse.total_steps == 12 and sparse.step_count == 12
+    assert len(sparse.history) == 2  # steps 3 and 6, before T_end = 9
+    assert any(r["layers"]["fc1"]["dropped"] > 0 for r in sparse.history)
+    for name in ("fc1", "fc2"):
+        W = model.get_submodule(name).weight
+        assert int((W == 0).sum()) >= W.numel() - M.kept_count(W.numel(), 0.2)
