@@ -26,6 +26,7 @@ _EXTRA_COMMANDS = {
     "compress": "secateurs.checkpoint",
     "bench": "secateurs.runtime.bench",
     "finetune": "secateurs.cli.finetune",
+    "train": "secateurs.cli.train",
 }
 
 

@@ -56,3 +56,27 @@ def test_trainer_keeps_the_model_sparse(tmp_path):
     for name in ("fc1", "fc2"):
         W = model.get_submodule(name).weight
         assert int((W == 0).sum()) >= W.numel() - M.kept_count(W.numel(), 0.2)
+
+
+def test_static_mask_stays_exact_without_finalize(tmp_path):
+    torch.manual_seed(1)
+    model = Classifier()
+    callback = SparseTrainingCallback("static", sparsity=0.75, distribution="uniform", total_steps=5, finalize=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=5,
+        per_device_train_batch_size=16,
+        learning_rate=5e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+    )
+    Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback]).train()
+    sparse = callback.sparse
+    assert sparse.optimizer is not None and sparse.total_steps == 5 and sparse.step_count == 5
+    for name, keep in sparse.keep_masks().items():
+        W = model.get_submodule(name).weight
+        assert int(keep.sum()) == M.kept_count(W.numel(), 0.25)  # the count is exact, not approximate
+        assert (W[~keep] == 0).all() and (W[keep] != 0).all()  # pruned stay zero, the rest trained
+        assert hasattr(model.get_submodule(name), "sparse_keep")  # not finalized
