@@ -56,11 +56,21 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     return linear
 
 
+def _linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The decoder linears of a causal LM; for any other model (one sparse-trained with SR-STE, say), every
+    ``nn.Linear``."""
+    try:
+        return decoder_linears(model)
+    except SecateursError:
+        return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
 def to_semi_structured(model: nn.Module) -> dict:
-    """Make every 2:4 decoder linear of ``model`` (on CUDA, fp16/bf16) semi-structured sparse, in place.
+    """Make every 2:4 linear of ``model`` (on CUDA, fp16/bf16) semi-structured sparse, in place: the decoder
+    linears of a causal LM, or every ``nn.Linear`` of any other module.
 
     Returns ``{"converted": n, "dense": {name: why}}``. Raises SecateursError when the device cannot, or when no
-    linear is 2:4 sparse (the model was not pruned with ``--pattern 2:4``).
+    linear is 2:4 sparse (the model was not pruned with ``--pattern 2:4`` or trained with SR-STE 2:4).
     """
     param = next(model.parameters())
     why = semi_structured_support(param.device)
@@ -69,7 +79,7 @@ def to_semi_structured(model: nn.Module) -> dict:
     if param.dtype not in SEMI_STRUCTURED_DTYPES:
         raise SecateursError(f"semi-structured sparsity needs float16 or bfloat16 weights, not {param.dtype}")
     converted, dense = 0, {}
-    for name, module in decoder_linears(model).items():
+    for name, module in _linears(model).items():
         linear = _as_linear(module)
         W = linear.weight.detach()
         if not is_2_4(W):
