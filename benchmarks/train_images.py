@@ -1,4 +1,5 @@
-"""Sparse training on real images (scikit-learn's bundled 8x8 digits), averaged over seeds.
+"""Sparse training on real images (scikit-learn's bundled 8x8 digits, or --data mnist: 5000 real MNIST images),
+averaged over seeds.
 
 Prints, for each study, mean +- std over seeds of test accuracy, with the protocol:
   1. 90% sparsity, MLP 64-300-100-10: dense, static-random, static-ERK, SET, RigL, GMP (--sparsity to change);
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from secateurs.train import GMP, REST, SET, SRSTE, KernelRigL, RigL, SparseTraining, Static
-from secateurs.train.data import coloured, digits, group_accuracy
+from secateurs.train.data import coloured, digits, group_accuracy, mnist
 from secateurs.train.models import build_model
 
 
@@ -67,7 +68,10 @@ def zeros(model, names):
 
 
 def study_1(args):
-    print(f"\n1. {args.sparsity:.0%} sparsity, MLP 64-300-100-10, all Linear layers sparse, {args.epochs} epochs")
+    print(
+        f"\n1. {args.sparsity:.0%} sparsity, MLP {args.inputs}-300-100-10, all Linear layers sparse, "
+        f"{args.epochs} epochs"
+    )
     rows = {
         "dense": (None, {}),
         "static-random (uniform)": (Static(), {"distribution": "uniform"}),
@@ -79,7 +83,7 @@ def study_1(args):
     for label, (method, kw) in rows.items():
         accs, sp = [], []
         for seed in args.seeds:
-            data = digits(seed)
+            data = args.load(seed)
             model, pred = run(data, "mlp", method, seed=seed, epochs=args.epochs, sparsity=args.sparsity, **kw)
             accs.append(accuracy(pred, data))
             sp.append(zeros(model, ["layers.0", "layers.2", "classifier"]) if method else 0.0)
@@ -87,7 +91,7 @@ def study_1(args):
 
 
 def study_2(args):
-    print(f"\n2. SR-STE N:M from scratch, MLP 64-304-104-10 (widths divisible by 8), {args.epochs} epochs")
+    print(f"\n2. SR-STE N:M from scratch, MLP {args.inputs}-304-104-10 (widths divisible by 8), {args.epochs} epochs")
     kw = {"hidden": (304, 104)}
     for label, method, pattern in (
         ("dense", None, None),
@@ -96,7 +100,7 @@ def study_2(args):
     ):
         accs, exact = [], True
         for seed in args.seeds:
-            data = digits(seed)
+            data = args.load(seed)
             sk = {"pattern": pattern, "exclude": ["classifier"]} if method else {}
             model, pred = run(data, "mlp", method, seed=seed, epochs=args.epochs, model_kw=kw, **sk)
             accs.append(accuracy(pred, data))
@@ -120,7 +124,7 @@ def study_3(args):
     ):
         accs, zk = [], []
         for seed in args.seeds:
-            data = digits(seed)
+            data = args.load(seed)
             kw = {"sparsity": 0.8, "targets": ["features.conv2", "features.conv3"], "distribution": "uniform"}
             model, pred = run(data, "cnn", method, seed=seed, epochs=args.epochs, lr=0.05, **(kw if method else {}))
             accs.append(accuracy(pred, data))
@@ -131,14 +135,14 @@ def study_3(args):
 
 def study_4(args):
     print(
-        f"\n4. REST on coloured digits (bias {args.bias:.0%}), CNN width 32, {args.sparsity_rest:.0%} sparse (ERK), "
-        f"{args.epochs} epochs; test colours uniformly random"
+        f"\n4. REST on coloured {args.data} (bias {args.bias:.0%}), CNN width 32, {args.sparsity_rest:.0%} sparse "
+        f"(ERK), {args.epochs} epochs; test colours uniformly random"
     )
     rows = (("dense", None), ("RigL, no reweighting", RigL(alpha=0.5, end=1.0)), ("REST", REST()))
     for label, method in rows:
         res = {"accuracy": [], "aligned": [], "conflicting": [], "worst_group": []}
         for seed in args.seeds:
-            data = coloured(digits(seed), args.bias, seed)
+            data = coloured(args.load(seed), args.bias, seed)
             sampler = None
             if isinstance(method, REST):
                 conflicting = ~data.group["train_aligned"]
@@ -159,12 +163,17 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--sparsity-rest", type=float, default=0.9)
     p.add_argument("--bias", type=float, default=0.95)
+    p.add_argument("--data", choices=["digits", "mnist"], default="digits", help="mnist: pip install -e '.[images]'")
     args = p.parse_args()
+    args.load = {"digits": digits, "mnist": mnist}[args.data]
+    sample = args.load(0)
+    args.inputs = sample.in_features
     args.seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(2)
     start = time.time()
     print(
-        f"protocol: sklearn digits (1797 8x8 images), stratified 75/25 split by seed; seeds {args.seeds}; SGD "
+        f"protocol: {sample.name} ({len(sample.train_y) + len(sample.test_y)} images {tuple(sample.input_shape)}), "
+        f"stratified 75/25 split by seed; seeds {args.seeds}; SGD "
         f"momentum 0.9, weight decay 5e-4, batch 64, cosine LR; torch {torch.__version__}"
     )
     for s in args.studies.split(","):

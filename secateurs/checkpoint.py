@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from secateurs import loading
 from secateurs.errors import SecateursError
 from secateurs.format.bits import packed_bytes, stored_count
 from secateurs.format.folder import REPORT_NAME, AtomicFolder, check_output, folder_bytes
@@ -24,13 +26,15 @@ from secateurs.format.masks import MASKS_NAME, save_masks
 from secateurs.format.sparse import (
     FORMAT,
     FORMAT_VERSION,
+    MODULE_FORMAT,
+    MODULE_NAME,
     PACKABLE_DTYPES,
     WEIGHTS_NAME,
     PackedTensor,
     dtype_name,
     write_sparse,
 )
-from secateurs.loading import is_sparse_folder, load_masks, load_pruned, read_sparse
+from secateurs.loading import is_module_folder, is_sparse_folder, load_masks, read_sparse
 from secateurs.models import PRUNABLE, decoder_linears, load_model, weight_view
 from secateurs.runtime.linear import SparseLinear
 
@@ -42,6 +46,7 @@ __all__ = [
     "add_parser",
     "check_output",
     "compress",
+    "is_module_folder",
     "is_sparse_folder",
     "load_masks",
     "load_pruned",
@@ -117,8 +122,23 @@ def _tensor_key(t: torch.Tensor):
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def _collect(model: nn.Module, min_sparsity: float | None, progress: bool):
-    """What to write for ``model``: (tensors, dense and packed by name; aliases; byte counts; linears left dense)."""
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
+def module_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear (and Conv1D) and Conv1d/2d/3d of any module, by name: what a plain module's checkpoint packs."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if name and isinstance(m, (*PRUNABLE, nn.modules.conv._ConvNd)) and getattr(m, "weight", None) is not None
+    }
+
+
+def _collect(model: nn.Module, min_sparsity: float | None, progress: bool, linears: dict | None = None):
+    """What to write for ``model``: (tensors, dense and packed by name; aliases; byte counts; linears left dense).
+
+    ``linears``: the modules whose weights may be packed (default: the decoder linears of a causal LM)."""
     from tqdm.auto import tqdm
 
     state = model.state_dict()
@@ -145,23 +165,26 @@ def _collect(model: nn.Module, min_sparsity: float | None, progress: bool):
         p = module.packed
         add_packed(name, PackedTensor(p.mask, p.values[: p.nnz].clone(), p.shape, module.transposed))
     already_dense_bytes = sizes["packed_dense_bytes"]
-    try:
-        linears = decoder_linears(model)
-    except SecateursError:
-        if not already:
-            raise
-        linears = {}  # every decoder linear is already sparse
+    if linears is None:
+        try:
+            linears = decoder_linears(model)
+        except SecateursError:
+            if not already:
+                raise
+            linears = {}  # every decoder linear is already sparse
     for name, module in tqdm(linears.items(), desc="packing", unit="linear", disable=not progress, leave=False):
-        W = weight_view(module)
+        W = module.weight.data if _is_conv(module) else weight_view(module)
         dense = W.numel() * W.element_size()
         nnz = stored_count(W)
-        wanted = packed_bytes(*W.shape, nnz, W.element_size()) < dense and (
+        rows = W.shape[0]
+        wanted = packed_bytes(rows, W.numel() // max(rows, 1), nnz, W.element_size()) < dense and (
             min_sparsity is None or 1 - nnz / max(W.numel(), 1) >= min_sparsity
         )
         shared = len(owners.get(_tensor_key(module.weight), [])) > 1  # tied to another tensor: keep it whole
         packable = dtype_name(W.dtype) in PACKABLE_DTYPES
         if wanted and not shared and packable:
-            add_packed(name, PackedTensor.from_weight(W.cpu(), transposed=not isinstance(module, nn.Linear)))
+            transposed = not isinstance(module, nn.Linear) and not _is_conv(module)
+            add_packed(name, PackedTensor.from_weight(W.cpu(), transposed=transposed))
             continue
         if wanted and not shared:
             log.warning("%s stays dense: packing needs float32 or bfloat16, not %s", name, dtype_name(W.dtype))
@@ -186,10 +209,15 @@ def _collect(model: nn.Module, min_sparsity: float | None, progress: bool):
     return tensors, aliases, sizes, dense_linears
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    """A transformers model (it has a config to save); anything else is saved as a plain module."""
+    return hasattr(getattr(model, "config", None), "save_pretrained")
+
+
 def save_sparse(
     model: nn.Module,
-    tokenizer,
-    out_dir: str | Path,
+    tokenizer=None,
+    out_dir: str | Path | None = None,
     report: dict | None = None,
     *,
     overwrite: bool = False,
@@ -199,24 +227,43 @@ def save_sparse(
 ) -> dict:
     """Write ``model`` as a compact sparse folder (atomically) and return what it saved, in bytes.
 
-    Every decoder linear whose packed form is smaller than its dense one is packed (``min_sparsity``: only those
-    at least this sparse); everything else, embeddings and LM head included, is stored dense; tied tensors once.
+    ``save_sparse(model, tokenizer, DIR)`` for a transformers causal LM: every decoder linear whose packed form is
+    smaller than its dense one is packed (``min_sparsity``: only those at least this sparse); everything else,
+    embeddings and LM head included, is stored dense; tied tensors once.
+    ``save_sparse(model, DIR)`` for any other ``nn.Module`` (one trained with :mod:`secateurs.train`): every
+    Linear and Conv weight is packed the same way (a convolution as [out, in * kernel]), with ``module.json``
+    naming the class and, for the models secateurs defines, how to rebuild it; :func:`secateurs.load_sparse` runs
+    its sparse Linears on the CPU kernel.
     ``masks`` ({linear: bool [out, in], True = pruned}) go to ``masks.safetensors`` beside the weights.
     """
+    if out_dir is None and isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer, out_dir = None, tokenizer
+    if out_dir is None:
+        raise SecateursError("save_sparse needs an output folder: save_sparse(model, DIR)")
+    plain = not _is_causal_lm(model)
     if masks is not None:
-        _check_masks(model, masks)
-    tensors, aliases, sizes, dense_linears = _collect(model, min_sparsity, progress)
+        if plain:
+            masks = _module_masks(model, masks)
+        else:
+            _check_masks(model, masks)
+    linears = module_weights(model) if plain else None
+    if plain and not linears and not any(isinstance(m, SparseLinear) for m in model.modules()):
+        raise SecateursError(f"{type(model).__name__} has no Linear or Conv weight to save sparse")
+    tensors, aliases, sizes, dense_linears = _collect(model, min_sparsity, progress, linears)
     packed = sum(isinstance(t, PackedTensor) for t in tensors.values())
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    config.dtype = dtype_name(dtype)
     try:
         with AtomicFolder(out_dir, overwrite) as tmp:
-            config.save_pretrained(tmp)
-            generation = getattr(model, "generation_config", None)
-            if generation is not None:
-                generation.save_pretrained(tmp)
+            if plain:
+                (tmp / MODULE_NAME).write_text(json.dumps(module_record(model), indent=2) + "\n")
+            else:
+                config = copy.deepcopy(model.config)
+                config.architectures = [type(model).__name__]
+                config.dtype = dtype_name(dtype)
+                config.save_pretrained(tmp)
+                generation = getattr(model, "generation_config", None)
+                if generation is not None:
+                    generation.save_pretrained(tmp)
             _write_extras(tmp, tokenizer, report, None)
             write_sparse(tmp / WEIGHTS_NAME, tensors, aliases, dtype)
             if masks is not None:
@@ -242,6 +289,42 @@ def save_sparse(
     summary["folder_ratio"] = summary["folder_bytes"] / max(summary["dense_folder_bytes"], 1)
     _log_summary(summary)
     return summary
+
+
+def module_record(model: nn.Module) -> dict:
+    """``module.json`` of a plain module: its class and, when it has one, its ``architecture()`` record."""
+    make = getattr(model, "architecture", None)
+    architecture = make() if callable(make) else None
+    return {"format": MODULE_FORMAT, "version": 1, "class": type(model).__name__, "architecture": architecture}
+
+
+def _module_masks(model: nn.Module, masks) -> dict[str, torch.Tensor]:
+    """Masks of a plain module's layers as [out, in * kernel] (True = pruned), checked against its weights."""
+    if not isinstance(masks, Mapping):
+        raise SecateursError(f"masks must be a dict of layer name -> bool tensor, not {type(masks).__name__}")
+    weights = module_weights(model)
+    out = {}
+    for name, mask in masks.items():
+        if name not in weights:
+            raise SecateursError(f"mask {name!r} does not name a Linear or Conv layer of this model")
+        W = weights[name].weight
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.numel() != W.numel():
+            raise SecateursError(f"mask {name!r} must be a bool tensor of the weight's shape {list(W.shape)}")
+        out[name] = mask.reshape(W.shape[0], -1).cpu()
+    return out
+
+
+def load_pruned(folder: str | Path, dtype: str | torch.dtype | None = None, *, model: nn.Module | None = None):
+    """(model, tokenizer): a sparse folder back as a plain model with dense, bit-identical weights.
+
+    A folder holding a plain module (``save_sparse(model, DIR)``) is loaded into ``model`` (an instance of its
+    class), or, when the folder records a secateurs architecture, into a new one built from it (tokenizer None).
+    """
+    if is_module_folder(folder) and model is None:
+        from secateurs.train.models import from_architecture
+
+        model = from_architecture(loading.module_architecture(folder))
+    return loading.load_pruned(folder, dtype, model=model)
 
 
 def _mb(n: int) -> str:

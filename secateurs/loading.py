@@ -20,6 +20,8 @@ from secateurs.dtypes import resolve_dtype
 from secateurs.errors import SecateursError
 from secateurs.format import masks as mask_files
 from secateurs.format.sparse import (
+    MODULE_FORMAT,
+    MODULE_NAME,
     PACKABLE_DTYPES,
     WEIGHTS_NAME,
     PackedTensor,
@@ -30,7 +32,17 @@ from secateurs.format.sparse import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_loaded", "empty_model", "is_sparse_folder", "load_masks", "load_pruned", "read_sparse"]
+__all__ = [
+    "check_loaded",
+    "empty_model",
+    "is_module_folder",
+    "is_sparse_folder",
+    "load_masks",
+    "load_pruned",
+    "module_architecture",
+    "read_module_sparse",
+    "read_sparse",
+]
 
 
 def empty_model(folder: Path, dtype: torch.dtype):
@@ -77,6 +89,62 @@ def _load_generation_config(model, folder: Path) -> None:
         log.warning("ignoring %s/generation_config.json: %s", folder, exc)
 
 
+def is_module_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a plain PyTorch module saved sparse (``module.json``, no config.json)."""
+    return (Path(folder).expanduser() / MODULE_NAME).is_file()
+
+
+def _module_record(folder: Path) -> dict:
+    import json
+
+    path = folder / MODULE_NAME
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SecateursError(f"cannot read {path}: {exc}") from None
+    if not isinstance(record, dict) or record.get("format") != MODULE_FORMAT:
+        raise SecateursError(f"{path} is not a {MODULE_FORMAT} record")
+    return record
+
+
+def module_architecture(folder: str | Path) -> dict:
+    """The architecture record of a plain module's folder; an error when the folder does not name one."""
+    folder = Path(folder).expanduser()
+    record = _module_record(folder)
+    if not isinstance(record.get("architecture"), dict):
+        raise SecateursError(
+            f"{folder} holds a {record.get('class', 'module')} without an architecture record: pass model= "
+            "(an instance of its class) to load it"
+        )
+    return record["architecture"]
+
+
+def read_module_sparse(folder: str | Path, model: nn.Module, dtype: str | torch.dtype | None = None):
+    """(model, packed): a plain module's sparse folder read into ``model`` (an instance of the saved class):
+    every dense tensor loaded, the packed weights returned as ``{module name: PackedTensor}`` for the caller."""
+    folder = Path(folder).expanduser()
+    record = _module_record(folder)
+    if record.get("class") != type(model).__name__:
+        log.warning("%s was saved from a %s, loading it into a %s", folder, record.get("class"), type(model).__name__)
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise SecateursError(f"{folder} has {MODULE_NAME} but no {WEIGHTS_NAME}")
+    header = read_header(path)
+    expected = model.state_dict(keep_vars=True)
+    dense, packed = read_tensors(path, header, {key: tuple(t.shape) for key, t in expected.items()})
+    dtype = resolve_dtype(dtype)
+    if dtype not in (None, "auto"):
+        dense = {k: t.to(dtype) if t.is_floating_point() else t for k, t in dense.items()}
+        packed = {k: PackedTensor(p.mask, p.values.to(dtype), p.shape, p.transposed, p.view) for k, p in packed.items()}
+    with torch.no_grad():
+        for key, t in dense.items():
+            set_tensor(model, key, t)
+        for key, source in header.aliases.items():
+            set_tensor(model, key, dense[source])
+    model.eval()
+    return model, {key.removesuffix(".weight"): p for key, p in packed.items()}
+
+
 def read_sparse(folder: str | Path, dtype: str | torch.dtype | None = None):
     """(model, packed, tokenizer): the model of a sparse folder with every non-packed tensor loaded, and its
     packed weights ``{module name: PackedTensor of W [out, in]}`` whose parameters are still on the meta device
@@ -102,7 +170,9 @@ def read_sparse(folder: str | Path, dtype: str | torch.dtype | None = None):
             if t.is_floating_point() and expected[key].is_floating_point():
                 dense[key] = t.to(dtype)
         packed = {
-            key: PackedTensor(p.mask, p.values.to(dtype), p.shape, p.transposed) if p.values.dtype != dtype else p
+            key: PackedTensor(p.mask, p.values.to(dtype), p.shape, p.transposed, p.view)
+            if p.values.dtype != dtype
+            else p
             for key, p in packed.items()
         }
     model.load_state_dict(dense, strict=False, assign=True)
@@ -123,8 +193,18 @@ def check_loaded(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_pruned(folder: str | Path, dtype: str | torch.dtype | None = None):
-    """(model, tokenizer): a sparse folder back as a plain transformers model with dense, bit-identical weights."""
+def load_pruned(folder: str | Path, dtype: str | torch.dtype | None = None, *, model: nn.Module | None = None):
+    """(model, tokenizer): a sparse folder back as a plain transformers model with dense, bit-identical weights.
+
+    A plain module's folder (``module.json``) is read into ``model``, an instance of its class (tokenizer None).
+    """
+    if is_module_folder(folder):
+        if model is None:
+            raise SecateursError(f"{folder} holds a plain PyTorch module: pass model= (an instance of its class)")
+        model, packed = read_module_sparse(folder, model, dtype)
+        for name, p in packed.items():
+            set_tensor(model, f"{name}.weight", nn.Parameter(p.to_held()))
+        return model, None
     model, packed, tokenizer = read_sparse(folder, dtype)
     for name, p in packed.items():
         set_tensor(model, f"{name}.weight", nn.Parameter(p.to_held()))

@@ -116,6 +116,13 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over in an --output that holds a training run")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEPS", help="stop (checkpointed) after N steps")
     p.add_argument("--no-plots", action="store_true", help="do not draw plots.png")
+    p.add_argument(
+        "--save-format",
+        choices=["safetensors", "sparse"],
+        default="safetensors",
+        help="the trained model as model.safetensors, or compact sparse (model.sparse.safetensors + module.json, "
+        "run by secateurs.load_sparse on the CPU kernel)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (bit-exact resume), cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -166,6 +173,7 @@ def run(args) -> dict:
         device=args.device,
         stop_after=args.stop_after,
         plots=not args.no_plots,
+        save_format=args.save_format,
     )
     final = metrics.get("final")
     if final:

@@ -6,8 +6,9 @@ Every tensor that is not packed is stored dense under its usual name, and each p
 - ``NAME.values``: 1-D, the stored weights of W in row-major order, in the weight's dtype.
 
 W is [out, in], the matrix the layer multiplies with (y = x @ W.T); GPT-2's Conv1D keeps its weight transposed
-[in, out], which the metadata records. A weight is stored iff its bit pattern is non-zero, so -0.0 survives and
-loading gives bit-identical weights. The safetensors metadata names the format and version and describes every
+[in, out], which the metadata records; a convolution's weight [out, in, *kernel] is packed as the matrix
+[out, in * prod(kernel)] with its full shape recorded as ``view``. A weight is stored iff its bit pattern is
+non-zero, so -0.0 survives and loading gives bit-identical weights. The safetensors metadata names the format and version and describes every
 packed tensor (shape as the model holds it, dtype, nnz, orientation) and every tied name, so nothing depends on
 the reader's guesswork. Reading validates all of it and raises one clear :class:`SecateursError` otherwise.
 """
@@ -15,6 +16,7 @@ the reader's guesswork. Reading validates all of it and raises one clear :class:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,10 @@ from secateurs.format.bits import pack_mask, packed_width, row_counts, stored_bi
 FORMAT = "secateurs-sparse"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.sparse.safetensors"
+# beside the weights of a plain PyTorch module (no config.json): its class name and, for the models secateurs
+# defines, the architecture record that rebuilds it (a registered name and plain arguments; never code)
+MODULE_NAME = "module.json"
+MODULE_FORMAT = "secateurs-module"
 PACKABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -42,27 +48,38 @@ class PackedTensor:
     """One packed weight as the file stores it: W [out, in] as its bitmask plus exactly its nnz stored values.
 
     ``transposed``: the model holds W.T (a GPT-2 style Conv1D), so the tensor it loads is [in, out].
+    ``view``: the shape the model holds when it is not a matrix (a convolution's [out, in, *kernel]; W is then
+    [out, in * prod(kernel)]), else None.
     """
 
     mask: torch.Tensor
     values: torch.Tensor
     shape: tuple[int, int]
     transposed: bool = False
+    view: tuple[int, ...] | None = None
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, transposed: bool = False) -> PackedTensor:
-        """Pack a 2-D CPU weight W [out, in]: keep the entries whose bit pattern is non-zero."""
+        """Pack a CPU weight: W [out, in], or a convolution's [out, in, *kernel] as [out, in * prod(kernel)]; keep
+        the entries whose bit pattern is non-zero."""
         weight = weight.detach().contiguous()
+        view = None
+        if weight.dim() > 2:
+            view = tuple(int(n) for n in weight.shape)
+            weight = weight.reshape(weight.shape[0], -1)
         bits = stored_bits(weight)
-        return cls(pack_mask(bits), weight[bits], (int(weight.shape[0]), int(weight.shape[1])), transposed)
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        return cls(pack_mask(bits), weight[bits], shape, transposed, view)
 
     @property
     def nnz(self) -> int:
         return self.values.numel()
 
     @property
-    def held_shape(self) -> tuple[int, int]:
-        """The shape of the tensor the model holds: [out, in], or [in, out] when transposed."""
+    def held_shape(self) -> tuple[int, ...]:
+        """The shape of the tensor the model holds: [out, in], [in, out] when transposed, or the view."""
+        if self.view is not None:
+            return self.view
         return self.shape[::-1] if self.transposed else self.shape
 
     def to_dense(self) -> torch.Tensor:
@@ -72,18 +89,23 @@ class PackedTensor:
         return dense
 
     def to_held(self) -> torch.Tensor:
-        """The tensor as the model holds it (contiguous): W, or W.T for a transposed weight."""
+        """The tensor as the model holds it (contiguous): W, W.T for a transposed weight, or W in its view."""
         W = self.to_dense()
+        if self.view is not None:
+            return W.reshape(self.view)
         return W.t().contiguous() if self.transposed else W
 
     def entry(self) -> dict:
-        """Its metadata: the shape as the model holds it, orientation, dtype and nnz."""
-        return {
-            "shape": list(self.held_shape),
+        """Its metadata: the matrix's shape as the model holds it, orientation, dtype and nnz (and the view)."""
+        entry = {
+            "shape": list(self.shape[::-1] if self.transposed else self.shape),
             "transposed": self.transposed,
             "dtype": dtype_name(self.values.dtype),
             "nnz": self.nnz,
         }
+        if self.view is not None:
+            entry["view"] = list(self.view)
+        return entry
 
 
 # ------------------------------------------------------------------------------------------------------ write
@@ -167,8 +189,8 @@ def read_header(path: str | Path) -> SparseHeader:
     )
 
 
-def _check_entry(key: str, entry, path: Path) -> tuple[tuple[int, int], bool, torch.dtype, int]:
-    """Validate one packed entry of the metadata: (shape as held, transposed, dtype, nnz)."""
+def _check_entry(key: str, entry, path: Path) -> tuple[tuple[int, int], bool, torch.dtype, int, tuple | None]:
+    """Validate one packed entry of the metadata: (matrix shape as held, transposed, dtype, nnz, view or None)."""
     bad = SecateursError(f"{path}: malformed metadata for packed tensor {key!r}: {entry!r}")
     if not isinstance(entry, dict):
         raise bad
@@ -184,7 +206,19 @@ def _check_entry(key: str, entry, path: Path) -> tuple[tuple[int, int], bool, to
         or not 0 <= nnz <= shape[0] * shape[1]
     ):
         raise bad
-    return (shape[0], shape[1]), transposed, PACKABLE_DTYPES[dtype], nnz
+    view = entry.get("view")
+    if view is not None:
+        if (
+            transposed
+            or not isinstance(view, list)
+            or len(view) < 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in view)
+            or view[0] != shape[0]
+            or math.prod(view) != shape[0] * shape[1]
+        ):
+            raise bad
+        view = tuple(view)
+    return (shape[0], shape[1]), transposed, PACKABLE_DTYPES[dtype], nnz, view
 
 
 def read_tensors(
@@ -204,11 +238,12 @@ def read_tensors(
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             for key, entry in header.packed.items():
-                shape, transposed, value_dtype, nnz = _check_entry(key, entry, path)
+                shape, transposed, value_dtype, nnz, view = _check_entry(key, entry, path)
                 if key not in expected or not key.endswith(".weight"):
                     raise SecateursError(f"{path}: packed tensor {key} is not a weight of this model")
-                if tuple(expected[key]) != shape:
-                    raise shape_error(key, f"shape {list(shape)}", list(expected[key]))
+                held = view or shape
+                if tuple(expected[key]) != held:
+                    raise shape_error(key, f"shape {list(held)}", list(expected[key]))
                 for part in ("mask", "values"):
                     if f"{key}.{part}" not in keys:
                         raise SecateursError(f"{path}: {key}.{part} is missing")
@@ -227,7 +262,7 @@ def read_tensors(
                     raise SecateursError(
                         f"{path}: {key} is inconsistent: mask marks {marked} stored weights but values holds {nnz}"
                     )
-                packed[key] = PackedTensor(mask, values, (rows, cols), transposed)
+                packed[key] = PackedTensor(mask, values, (rows, cols), transposed, view)
             packed_parts = {f"{k}.{part}" for k in header.packed for part in ("mask", "values")}
             for key in header.keys:
                 if key in packed_parts:

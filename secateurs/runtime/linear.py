@@ -131,12 +131,37 @@ def sparsify(
     return to_sparse_linears(model, min_sparsity, threads, progress)
 
 
+def _load_module(folder, model, dtype, threshold):
+    """A plain module's sparse folder (``save_sparse(model, DIR)``): Linears on the kernel, convolutions dense."""
+    if model is None:
+        from secateurs.train.models import from_architecture
+
+        model = from_architecture(loading.module_architecture(folder))
+    model, packed = loading.read_module_sparse(folder, model, dtype)
+    converted = 0
+    for name, p in packed.items():
+        module = model.get_submodule(name)
+        linear = isinstance(module, nn.Linear) and p.view is None
+        if not linear or 1 - p.nnz / max(p.shape[0] * p.shape[1], 1) < threshold:
+            loading.set_tensor(model, f"{name}.weight", nn.Parameter(p.to_held(), requires_grad=False))
+            continue
+        try:
+            weight = kernels.from_parts(p.mask, p.values, p.shape)
+        except ValueError as exc:
+            raise SecateursError(f"{folder}: cannot run {name} on the sparse kernel: {exc}") from None
+        _replace(model, name, SparseLinear(weight, module.bias, False))
+        converted += 1
+    log.info("loaded %s: %d sparse linears, %d packed weights unpacked", folder, converted, len(packed) - converted)
+    return loading.check_loaded(model)
+
+
 def load_sparse(
     folder: str | Path,
     threads: int | None = None,
     *,
     dtype: str | torch.dtype | None = None,
     min_sparsity: float | None = None,
+    model: nn.Module | None = None,
 ):
     """(model, tokenizer) ready for ``model.generate``, with the sparse linears running on the sparse kernel.
 
@@ -144,10 +169,16 @@ def load_sparse(
     of packed linears are never allocated) or a pruned Hugging Face folder (loaded, then :func:`to_sparse_linears`).
     Packed linears less than ``min_sparsity`` sparse are unpacked to dense ones. ``threads``: the kernel's threads
     (default: torch's). ``dtype`` converts the model (e.g. bfloat16) instead of keeping the stored dtype.
+
+    A plain module's folder (``save_sparse(model, DIR)`` of a sparse-trained model) gives (model, None): the model
+    is ``model`` (an instance of the saved class) or, for the models secateurs defines, one rebuilt from the
+    folder's architecture record; its sparse Linears run on the kernel, convolutions are unpacked to dense.
     """
     threshold = _threshold(min_sparsity)
     if threads is not None:
         kernels.set_num_threads(threads)
+    if loading.is_module_folder(folder):
+        return _load_module(folder, model, dtype, threshold), None
     if not loading.is_sparse_folder(folder):
         model, tokenizer, _ = load_model(str(folder), dtype or "auto")
         to_sparse_linears(model, threshold)

@@ -51,6 +51,15 @@ __all__ = ["CHECKPOINT_FILES", "DATA", "OPTIMIZERS", "TrainConfig", "load_data",
 DATA = ("digits", "coloured-digits", "mnist", "coloured-mnist")
 OPTIMIZERS = ("sgd", "adamw")
 CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.pt", "checkpoint.json")
+FINAL_FILES = (
+    "recipe.yaml",
+    "metrics.json",
+    "model.safetensors",
+    "model.sparse.safetensors",
+    "module.json",
+    "plots.png",
+)
+SAVE_FORMATS = ("safetensors", "sparse")
 CHECKPOINT_VERSION = 1
 EVAL_BATCH = 1024
 
@@ -352,7 +361,7 @@ def _prepare_output(output: Path, resume: bool, overwrite: bool) -> bool:
             raise SecateursError(f"output folder {output} is not empty (use {hint})")
         if not ours:
             raise SecateursError(f"output folder {output} holds no training run: --overwrite only replaces one")
-        for name in (*CHECKPOINT_FILES, "recipe.yaml", "metrics.json", "model.safetensors", "plots.png"):
+        for name in (*CHECKPOINT_FILES, *FINAL_FILES):
             (output / name).unlink(missing_ok=True)
         has_checkpoint = False
     if resume and not has_checkpoint:
@@ -365,17 +374,31 @@ def _prepare_output(output: Path, resume: bool, overwrite: bool) -> bool:
 
 
 def _publish(output: Path, files: dict) -> None:
-    """Write every ``{name: write(path)}`` into a hidden temporary folder in ``output``, then move each into place
-    in order (``metrics.json`` last): an interrupted run never leaves a half-written final model."""
+    """Write every ``{name: write(path)}`` into a hidden temporary folder in ``output`` (a writer may add files
+    beside its own), then move each file into place, ``metrics.json`` last: an interrupted run never leaves a
+    half-written final model."""
     tmp = output / f".final.partial-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         for name, write in files.items():
             write(tmp / name)
-        for name in files:
+        names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: n == "metrics.json")
+        for name in names:
             os.replace(tmp / name, output / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_sparse_model(model: nn.Module, path: Path) -> None:
+    """``model.sparse.safetensors`` and ``module.json`` beside it: the compact sparse format, which
+    :func:`secateurs.load_sparse` runs on the CPU kernel."""
+    from secateurs.checkpoint import save_sparse
+
+    folder = path.parent / "sparse.partial"
+    save_sparse(model, folder, progress=False)
+    for item in folder.iterdir():
+        os.replace(item, path.parent / item.name)
+    folder.rmdir()
 
 
 # ---- the loop
@@ -389,13 +412,16 @@ def train(
     device: str | torch.device = "cpu",
     stop_after: int | None = None,
     plots: bool = True,
+    save_format: str = "safetensors",
 ) -> dict:
     """Sparse-train the recipe's model on its data; return the metrics (also ``output/metrics.json``).
 
     ``output``: the run's folder (checkpoints, ``recipe.yaml``, then ``model.safetensors``, ``metrics.json``,
     ``plots.png``); None keeps nothing. ``resume``: continue from the checkpoint there (it must come from the same
     recipe). ``stop_after``: stop once that many optimizer steps are done in all (checkpointing there), e.g. to
-    split a run in parts; the final files are written only when the run is complete.
+    split a run in parts; the final files are written only when the run is complete. ``save_format``:
+    ``safetensors`` (``model.safetensors``, the plain state dict) or ``sparse`` (``model.sparse.safetensors`` and
+    ``module.json``: the compact format, which :func:`secateurs.load_sparse` runs on the CPU kernel).
     """
     from tqdm.auto import tqdm
 
@@ -405,6 +431,8 @@ def train(
     out = Path(output).expanduser().absolute() if output is not None else None
     if resume and out is None:
         raise SecateursError("resume needs the output folder of the run to continue")
+    if save_format not in SAVE_FORMATS:
+        raise SecateursError(f"unknown save format {save_format!r}: use {' or '.join(SAVE_FORMATS)}")
     if stop_after is not None and stop_after < 1:
         raise SecateursError(f"stop_after must be a positive number of steps, got {stop_after}")
     method = config.method_config()
@@ -547,7 +575,10 @@ def train(
         from safetensors.torch import save_file
 
         meta = {"format": "pt", "recipe": json.dumps(recipe)}
-        files = {"model.safetensors": lambda p: save_file(_plain_state(model), str(p), metadata=meta)}
+        if save_format == "sparse":
+            files = {"model.sparse.safetensors": lambda p: _write_sparse_model(model, p)}
+        else:
+            files = {"model.safetensors": lambda p: save_file(_plain_state(model), str(p), metadata=meta)}
         if plots:
             files["plots.png"] = lambda p: plot_metrics(metrics, p)
         files["metrics.json"] = lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n")

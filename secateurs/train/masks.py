@@ -36,25 +36,35 @@ def unit_scores(t: torch.Tensor, granularity: str) -> torch.Tensor:
     return a
 
 
+def _select(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Bool mask of the ``k`` largest (or smallest) entries of the 1-D ``flat``, a tie going to the earlier position:
+    exactly the first ``k`` of a stable sort, found with one ``topk`` for the threshold (a full sort of a large layer
+    at every update costs tens of times a training step)."""
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    values = torch.topk(flat, k, largest=largest, sorted=False).values
+    threshold = values.min() if largest else values.max()
+    strictly = flat > threshold if largest else flat < threshold
+    ties = flat == threshold
+    need = k - int(strictly.sum())
+    return strictly | (ties & (torch.cumsum(ties, 0) <= need))
+
+
 def _highest(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask of the k highest scores (among ``allowed``); a tie goes to the earlier position."""
     flat = scores.reshape(-1).float()
     if allowed is not None:
         flat = torch.where(allowed.reshape(-1), flat, torch.tensor(-math.inf, device=flat.device))
-    out = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        order = torch.argsort(-flat, stable=True)[:k]
-        out[order] = True
-    return out.reshape(scores.shape)
+    return _select(flat, k, largest=True).reshape(scores.shape)
 
 
 def _lowest(scores: torch.Tensor, k: int, allowed: torch.Tensor) -> torch.Tensor:
     """Bool mask of the k lowest scores among ``allowed``; a tie goes to the earlier position."""
     flat = torch.where(allowed.reshape(-1), scores.reshape(-1).float(), torch.tensor(math.inf, device=scores.device))
-    out = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        out[torch.argsort(flat, stable=True)[:k]] = True
-    return out.reshape(scores.shape)
+    return _select(flat, k, largest=False).reshape(scores.shape)
 
 
 def kept_count(units: int, density: float) -> int:

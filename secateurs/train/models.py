@@ -26,6 +26,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, classes: int, hidden: Sequence[int] = (300, 100)) -> None:
         super().__init__()
+        self.arguments = {"in_features": int(in_features), "classes": int(classes), "hidden": [int(h) for h in hidden]}
         widths = [in_features, *hidden]
         blocks: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:], strict=True):
@@ -33,6 +34,10 @@ class MLP(nn.Module):
         self.flatten = nn.Flatten()
         self.layers = nn.Sequential(*blocks)
         self.classifier = nn.Linear(widths[-1], classes)
+
+    def architecture(self) -> dict:
+        """How to build this model again (saved with a sparse checkpoint: a name and plain arguments, no code)."""
+        return {"name": "mlp", "arguments": dict(self.arguments)}
 
     @classmethod
     def for_data(cls, data: ImageData, **kwargs: Any) -> MLP:
@@ -54,6 +59,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         if dims not in CONV:
             raise SecateursError(f"SmallCNN dims must be 1, 2 or 3, got {dims}")
+        self.arguments = {"in_channels": int(in_channels), "classes": int(classes), "width": int(width), "dims": dims}
         conv, norm = CONV[dims], NORM[dims]
 
         def block(a: int, b: int) -> list[nn.Module]:
@@ -64,6 +70,10 @@ class SmallCNN(nn.Module):
         modules += block(width, 2 * width)
         self.features = nn.Sequential(OrderedDict(zip(names, modules, strict=True)))
         self.classifier = nn.Linear(2 * width, classes)
+
+    def architecture(self) -> dict:
+        """How to build this model again (saved with a sparse checkpoint: a name and plain arguments, no code)."""
+        return {"name": "cnn", "arguments": dict(self.arguments)}
 
     @classmethod
     def for_data(cls, data: ImageData, **kwargs: Any) -> SmallCNN:
@@ -84,3 +94,17 @@ def build_model(name: str, data: ImageData, **kwargs: Any) -> nn.Module:
     if key not in MODELS:
         raise SecateursError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     return MODELS[key].for_data(data, **kwargs)
+
+
+def from_architecture(spec) -> nn.Module:
+    """The model an ``architecture()`` record describes ({"name": "mlp" or "cnn", "arguments": {...}}), freshly
+    initialised. Only the models of :data:`MODELS` can be named, so a file never chooses code to run."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("arguments"), dict):
+        raise SecateursError(f"malformed architecture record: {spec!r}")
+    name = spec.get("name")
+    if name not in MODELS:
+        raise SecateursError(f"unknown architecture {name!r}; known: {', '.join(sorted(MODELS))}")
+    try:
+        return MODELS[name](**spec["arguments"])
+    except (TypeError, ValueError) as exc:
+        raise SecateursError(f"architecture {name}: bad arguments {spec['arguments']}: {exc}") from None

@@ -4,6 +4,7 @@ gradient, pruned weights that stay zero, resume = uninterrupted, and the bad-inp
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -354,3 +355,18 @@ def test_rest_draws_conflicting_samples_upweight_times_as_often():
     share = (draws < 10).double().mean().item()
     assert share == pytest.approx(800 / (800 + 990), abs=0.01)  # 80*10 / (80*10 + 990)
     assert method.grows_by_gradient and method_from("rest").alpha == 0.5
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_selection_equals_a_stable_sort_with_ties(largest):
+    g = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        flat = torch.randint(0, 5, (n,), generator=g).float()  # many ties
+        if trial % 3 == 0:
+            flat[torch.rand(n, generator=g) < 0.3] = math.inf if not largest else -math.inf
+        k = int(torch.randint(0, n + 2, (1,), generator=g))
+        order = torch.argsort(-flat if largest else flat, stable=True)[:k]
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order] = True
+        assert torch.equal(M._select(flat, k, largest), want), (flat, k)

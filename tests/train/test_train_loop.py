@@ -139,3 +139,24 @@ def test_srste_trains_an_nm_pattern(tmp_path):
     w = load_file(str(tmp_path / "nm" / "model.safetensors"))["layers.0.weight"]
     assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
     assert metrics["sparsity"]["overall"] >= 0.5 and metrics["mask_bytes"] == 0
+
+
+def test_sparse_save_format_runs_on_the_kernel(tmp_path):
+    import secateurs
+    from secateurs.runtime.linear import SparseLinear
+
+    c = config(distribution="uniform", epochs=1)
+    metrics = train(c, tmp_path / "run", progress=False, plots=False, save_format="sparse")
+    out = tmp_path / "run"
+    assert (out / "model.sparse.safetensors").is_file() and (out / "module.json").is_file()
+    assert not (out / "model.safetensors").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+    model, _ = secateurs.load_sparse(out)
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 2
+    from secateurs.train.loop import load_data
+
+    data = load_data(c)
+    with torch.no_grad():
+        accuracy = float((model(data.test_x).argmax(1) == data.test_y).float().mean())
+    assert accuracy == pytest.approx(metrics["final"]["accuracy"], abs=1e-6)  # the kernel gives the same answers
+    with pytest.raises(SecateursError, match="unknown save format"):
+        train(c, save_format="pickle", progress=False)
