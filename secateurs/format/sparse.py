@@ -8,9 +8,10 @@ Every tensor that is not packed is stored dense under its usual name, and each p
 W is [out, in], the matrix the layer multiplies with (y = x @ W.T); GPT-2's Conv1D keeps its weight transposed
 [in, out], which the metadata records; a convolution's weight [out, in, *kernel] is packed as the matrix
 [out, in * prod(kernel)] with its full shape recorded as ``view``. A weight is stored iff its bit pattern is
-non-zero, so -0.0 survives and loading gives bit-identical weights. The safetensors metadata names the format and version and describes every
-packed tensor (shape as the model holds it, dtype, nnz, orientation) and every tied name, so nothing depends on
-the reader's guesswork. Reading validates all of it and raises one clear :class:`SecateursError` otherwise.
+non-zero, so -0.0 survives and loading gives bit-identical weights. The safetensors metadata names the format
+and version and describes every packed tensor (shape as the model holds it, dtype, nnz, orientation) and every
+tied name, so nothing depends on the reader's guesswork. Reading validates all of it and raises one clear
+:class:`SecateursError` otherwise.
 """
 
 from __future__ import annotations
