@@ -97,12 +97,14 @@ def save_pruned(
     masks: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save model (safetensors), tokenizer, report and ``masks`` ({linear: bool [out, in], True = pruned}) into
-    ``folder`` atomically. ``save_format="sparse"`` writes the compact sparse checkpoint (:func:`save_sparse`)."""
-    if save_format == "sparse":
-        save_sparse(model, tokenizer, folder, report, overwrite=overwrite, masks=masks)
+    ``folder`` atomically. ``save_format="sparse"`` writes the compact sparse checkpoint (:func:`save_sparse`),
+    ``"sparse-int8"`` the same with int8 values and per-row scales."""
+    if save_format in ("sparse", "sparse-int8"):
+        values = "int8" if save_format == "sparse-int8" else None
+        save_sparse(model, tokenizer, folder, report, overwrite=overwrite, masks=masks, values=values)
         return Path(folder)
     if save_format != "hf":
-        raise SecateursError(f"unknown save format {save_format!r}: use hf or sparse")
+        raise SecateursError(f"unknown save format {save_format!r}: use hf, sparse or sparse-int8")
     if masks is not None:
         _check_masks(model, masks)
     try:
@@ -135,10 +137,13 @@ def module_weights(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _collect(model: nn.Module, min_sparsity: float | None, progress: bool, linears: dict | None = None):
+def _collect(
+    model: nn.Module, min_sparsity: float | None, progress: bool, linears: dict | None = None, values: str | None = None
+):
     """What to write for ``model``: (tensors, dense and packed by name; aliases; byte counts; linears left dense).
 
-    ``linears``: the modules whose weights may be packed (default: the decoder linears of a causal LM)."""
+    ``linears``: the modules whose weights may be packed (default: the decoder linears of a causal LM);
+    ``values="int8"``: their stored values as int8 codes with per-row scales."""
     from tqdm.auto import tqdm
 
     state = model.state_dict()
@@ -152,8 +157,8 @@ def _collect(model: nn.Module, min_sparsity: float | None, progress: bool, linea
     def add_packed(name: str, p: PackedTensor) -> None:
         tensors[f"{name}.weight"] = p
         itemsize = p.values.element_size()
-        dense = p.shape[0] * p.shape[1] * itemsize
-        size = packed_bytes(*p.shape, p.nnz, itemsize)
+        dense = p.shape[0] * p.shape[1] * (4 if p.scales is not None else itemsize)  # int8 from float32 here
+        size = packed_bytes(*p.shape, p.nnz, itemsize) + (0 if p.scales is None else p.scales.numel() * 4)
         for field, n in (("linear_dense_bytes", dense), ("linear_checkpoint_bytes", size)):
             sizes[field] += n
         sizes["packed_dense_bytes"] += dense
@@ -163,7 +168,7 @@ def _collect(model: nn.Module, min_sparsity: float | None, progress: bool, linea
     already = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     for name, module in already.items():
         p = module.packed
-        add_packed(name, PackedTensor(p.mask, p.values[: p.nnz].clone(), p.shape, module.transposed))
+        add_packed(name, PackedTensor(p.mask, p.values[: p.nnz].clone(), p.shape, module.transposed, None, p.scales))
     already_dense_bytes = sizes["packed_dense_bytes"]
     if linears is None:
         try:
@@ -177,14 +182,15 @@ def _collect(model: nn.Module, min_sparsity: float | None, progress: bool, linea
         dense = W.numel() * W.element_size()
         nnz = stored_count(W)
         rows = W.shape[0]
-        wanted = packed_bytes(rows, W.numel() // max(rows, 1), nnz, W.element_size()) < dense and (
+        itemsize = 1 if values == "int8" else W.element_size()
+        wanted = packed_bytes(rows, W.numel() // max(rows, 1), nnz, itemsize) < dense and (
             min_sparsity is None or 1 - nnz / max(W.numel(), 1) >= min_sparsity
         )
         shared = len(owners.get(_tensor_key(module.weight), [])) > 1  # tied to another tensor: keep it whole
         packable = dtype_name(W.dtype) in PACKABLE_DTYPES
         if wanted and not shared and packable:
             transposed = not isinstance(module, nn.Linear) and not _is_conv(module)
-            add_packed(name, PackedTensor.from_weight(W.cpu(), transposed=transposed))
+            add_packed(name, PackedTensor.from_weight(W.cpu(), transposed=transposed, values=values))
             continue
         if wanted and not shared:
             log.warning("%s stays dense: packing needs float32 or bfloat16, not %s", name, dtype_name(W.dtype))
@@ -224,6 +230,7 @@ def save_sparse(
     min_sparsity: float | None = None,
     progress: bool = True,
     masks: Mapping[str, torch.Tensor] | None = None,
+    values: str | None = None,
 ) -> dict:
     """Write ``model`` as a compact sparse folder (atomically) and return what it saved, in bytes.
 
@@ -235,7 +242,11 @@ def save_sparse(
     naming the class and, for the models secateurs defines, how to rebuild it; :func:`secateurs.load_sparse` runs
     its sparse Linears on the CPU kernel.
     ``masks`` ({linear: bool [out, in], True = pruned}) go to ``masks.safetensors`` beside the weights.
+    ``values="int8"``: the packed weights' values as int8 codes with one float32 scale per row (symmetric
+    round-to-nearest; every stored weight stays non-zero, so masks and counts are unchanged); None keeps them.
     """
+    if values not in (None, "int8"):
+        raise SecateursError(f"unknown values {values!r}: int8, or None to keep the model's dtype")
     if out_dir is None and isinstance(tokenizer, (str, os.PathLike)):
         tokenizer, out_dir = None, tokenizer
     if out_dir is None:
@@ -249,7 +260,7 @@ def save_sparse(
     linears = module_weights(model) if plain else None
     if plain and not linears and not any(isinstance(m, SparseLinear) for m in model.modules()):
         raise SecateursError(f"{type(model).__name__} has no Linear or Conv weight to save sparse")
-    tensors, aliases, sizes, dense_linears = _collect(model, min_sparsity, progress, linears)
+    tensors, aliases, sizes, dense_linears = _collect(model, min_sparsity, progress, linears, values)
     packed = sum(isinstance(t, PackedTensor) for t in tensors.values())
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
@@ -276,6 +287,7 @@ def save_sparse(
         "output": str(Path(out_dir)),
         "format": f"{FORMAT} v{FORMAT_VERSION}",
         "dtype": dtype_name(dtype),
+        "values": values or dtype_name(dtype),
         "packed_linears": packed,
         "dense_linears": dense_linears,
         **sizes,
@@ -353,18 +365,23 @@ def compress(
     overwrite: bool = False,
     min_sparsity: float | None = None,
     progress: bool = True,
+    values: str | None = None,
 ) -> dict:
     """Rewrite a pruned Hugging Face folder (e.g. from ``secateurs prune``) as a sparse folder; returns the sizes.
 
-    Its ``report.json`` and ``masks.safetensors`` come along.
+    Its ``report.json`` and ``masks.safetensors`` come along. ``values="int8"`` stores the packed values as int8
+    codes with per-row scales; the source may then be a sparse folder already (its weights are read back first).
     """
     src = Path(src_dir).expanduser()
     if not (src / "config.json").is_file():
         raise SecateursError(f"{src} is not a Hugging Face model folder (no config.json)")
-    if is_sparse_folder(src):
-        raise SecateursError(f"{src} is already a sparse checkpoint")
+    if values not in (None, "int8"):
+        raise SecateursError(f"unknown values {values!r}: int8, or leave it out to keep the model's dtype")
+    if is_sparse_folder(src) and values is None:
+        raise SecateursError(f"{src} is already a sparse checkpoint (add --values int8 to requantise its values)")
     if Path(out_dir).expanduser().absolute() == src.absolute():
         raise SecateursError("the output folder must differ from the source")
+    check_output(out_dir, overwrite)
     report = None
     if (src / REPORT_NAME).is_file():
         try:
@@ -377,7 +394,10 @@ def compress(
             masks = load_masks(src)
         except SecateursError as exc:
             log.warning("not copying %s: %s", src / MASKS_NAME, exc)
-    model, tokenizer, _ = load_model(str(src))
+    if is_sparse_folder(src):
+        model, tokenizer = load_pruned(src)
+    else:
+        model, tokenizer, _ = load_model(str(src))
     summary = save_sparse(
         model,
         tokenizer,
@@ -387,6 +407,7 @@ def compress(
         min_sparsity=min_sparsity,
         progress=progress,
         masks=masks,
+        values=values,
     )
     summary["source"] = str(src)
     summary["source_folder_bytes"] = folder_bytes(src)
@@ -404,7 +425,14 @@ def add_parser(subparsers, name: str) -> None:
         "form is smaller is stored as a 1-bit mask plus its non-zero values; load it back with "
         "secateurs.load_sparse (sparse kernels) or secateurs.load_pruned (a plain dense model).",
     )
-    p.add_argument("source", help="a pruned Hugging Face model folder")
+    p.add_argument("source", help="a pruned Hugging Face model folder (or a sparse one, with --values int8)")
+    p.add_argument(
+        "--values",
+        choices=["int8"],
+        default=None,
+        help="store the packed values as int8 with one float32 scale per row (symmetric round-to-nearest; "
+        "every stored weight stays non-zero); default: the model's dtype",
+    )
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="where to write the sparse folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
@@ -423,5 +451,10 @@ def _run(args) -> dict:
     if args.min_sparsity is not None and not 0 <= args.min_sparsity <= 1:
         raise SecateursError(f"--min-sparsity must be in [0, 1], got {args.min_sparsity}")
     return compress(
-        args.source, args.output, overwrite=args.overwrite, min_sparsity=args.min_sparsity, progress=not args.quiet
+        args.source,
+        args.output,
+        overwrite=args.overwrite,
+        min_sparsity=args.min_sparsity,
+        progress=not args.quiet,
+        values=args.values,
     )

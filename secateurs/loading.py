@@ -135,7 +135,10 @@ def read_module_sparse(folder: str | Path, model: nn.Module, dtype: str | torch.
     dtype = resolve_dtype(dtype)
     if dtype not in (None, "auto"):
         dense = {k: t.to(dtype) if t.is_floating_point() else t for k, t in dense.items()}
-        packed = {k: PackedTensor(p.mask, p.values.to(dtype), p.shape, p.transposed, p.view) for k, p in packed.items()}
+        packed = {
+            k: p if p.scales is not None else PackedTensor(p.mask, p.values.to(dtype), p.shape, p.transposed, p.view)
+            for k, p in packed.items()
+        }
     with torch.no_grad():
         for key, t in dense.items():
             set_tensor(model, key, t)
@@ -193,6 +196,13 @@ def check_loaded(model: nn.Module) -> nn.Module:
     return model
 
 
+def held(model: nn.Module, name: str, p: PackedTensor) -> torch.Tensor:
+    """The dense weight of packed ``name`` in the dtype the model holds there (int8 codes dequantised)."""
+    t = p.to_held()
+    want = model.get_submodule(name).weight.dtype
+    return t if t.dtype == want else t.to(want)
+
+
 def load_pruned(folder: str | Path, dtype: str | torch.dtype | None = None, *, model: nn.Module | None = None):
     """(model, tokenizer): a sparse folder back as a plain transformers model with dense, bit-identical weights.
 
@@ -203,11 +213,11 @@ def load_pruned(folder: str | Path, dtype: str | torch.dtype | None = None, *, m
             raise SecateursError(f"{folder} holds a plain PyTorch module: pass model= (an instance of its class)")
         model, packed = read_module_sparse(folder, model, dtype)
         for name, p in packed.items():
-            set_tensor(model, f"{name}.weight", nn.Parameter(p.to_held()))
+            set_tensor(model, f"{name}.weight", nn.Parameter(held(model, name, p)))
         return model, None
     model, packed, tokenizer = read_sparse(folder, dtype)
     for name, p in packed.items():
-        set_tensor(model, f"{name}.weight", nn.Parameter(p.to_held()))
+        set_tensor(model, f"{name}.weight", nn.Parameter(held(model, name, p)))
     return check_loaded(model), tokenizer
 
 

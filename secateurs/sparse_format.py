@@ -4,10 +4,10 @@ The file format is :mod:`secateurs.format.sparse`; saving, loading and ``secateu
 :mod:`secateurs.checkpoint`.
 """
 
-from secateurs.checkpoint import add_parser, compress, save_sparse
+from secateurs.checkpoint import add_parser, compress, load_pruned, save_sparse
 from secateurs.format.bits import break_even_sparsity, packed_bytes, stored_count
 from secateurs.format.sparse import FORMAT, FORMAT_VERSION, PACKABLE_DTYPES, WEIGHTS_NAME
-from secateurs.loading import check_loaded, is_sparse_folder, load_pruned, load_tokenizer, read_sparse
+from secateurs.loading import check_loaded, is_sparse_folder, load_tokenizer, read_sparse
 from secateurs.models import decoder_linears
 
 __all__ = [

@@ -77,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
         "--save-format",
-        choices=["hf", "sparse"],
+        choices=["hf", "sparse", "sparse-int8"],
         default="hf",
         help="hf: a plain Hugging Face folder; sparse: pruned linears as a 1-bit mask plus their non-zero values "
-        "(load with secateurs.load_sparse or load_pruned)",
+        "(load with secateurs.load_sparse or load_pruned); sparse-int8: the same with int8 values and per-row "
+        "scales",
     )
     add_common(p)
 

@@ -3,7 +3,9 @@
 Every tensor that is not packed is stored dense under its usual name, and each packed weight ``NAME`` becomes
 
 - ``NAME.mask``: uint8 [out, ceil(in/8)]; bit j % 8 (LSB first) of byte j // 8 of row o is set iff W[o, j] is stored;
-- ``NAME.values``: 1-D, the stored weights of W in row-major order, in the weight's dtype.
+- ``NAME.values``: 1-D, the stored weights of W in row-major order, in the weight's dtype; or int8 codes, with
+- ``NAME.scales``: float32 [out], one per row: W[o, j] = scales[o] * values (``secateurs compress --values int8``;
+  symmetric round-to-nearest, every stored weight kept non-zero, so the mask is the unquantised one).
 
 W is [out, in], the matrix the layer multiplies with (y = x @ W.T); GPT-2's Conv1D keeps its weight transposed
 [in, out], which the metadata records; a convolution's weight [out, in, *kernel] is packed as the matrix
@@ -27,7 +29,7 @@ import safetensors.torch
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.format.bits import pack_mask, packed_width, row_counts, stored_bits, unpack_mask
+from secateurs.format.bits import pack_mask, packed_width, quantize_rows, row_counts, stored_bits, unpack_mask
 
 FORMAT = "secateurs-sparse"
 FORMAT_VERSION = 1
@@ -37,6 +39,7 @@ WEIGHTS_NAME = "model.sparse.safetensors"
 MODULE_NAME = "module.json"
 MODULE_FORMAT = "secateurs-module"
 PACKABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+VALUE_DTYPES = {**PACKABLE_DTYPES, "int8": torch.int8}  # int8 values come with per-row float32 scales
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -58,11 +61,12 @@ class PackedTensor:
     shape: tuple[int, int]
     transposed: bool = False
     view: tuple[int, ...] | None = None
+    scales: torch.Tensor | None = None  # float32 [out] when values are int8 codes
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, transposed: bool = False) -> PackedTensor:
+    def from_weight(cls, weight: torch.Tensor, transposed: bool = False, values: str | None = None) -> PackedTensor:
         """Pack a CPU weight: W [out, in], or a convolution's [out, in, *kernel] as [out, in * prod(kernel)]; keep
-        the entries whose bit pattern is non-zero."""
+        the entries whose bit pattern is non-zero. ``values="int8"``: as int8 codes with per-row scales."""
         weight = weight.detach().contiguous()
         view = None
         if weight.dim() > 2:
@@ -70,6 +74,11 @@ class PackedTensor:
             weight = weight.reshape(weight.shape[0], -1)
         bits = stored_bits(weight)
         shape = (int(weight.shape[0]), int(weight.shape[1]))
+        if values == "int8":
+            q, scales = quantize_rows(weight, bits)
+            return cls(pack_mask(bits), q[bits], shape, transposed, view, scales)
+        if values not in (None, dtype_name(weight.dtype)):
+            raise SecateursError(f"values must be int8 or the weight's own dtype, not {values!r}")
         return cls(pack_mask(bits), weight[bits], shape, transposed, view)
 
     @property
@@ -84,7 +93,12 @@ class PackedTensor:
         return self.shape[::-1] if self.transposed else self.shape
 
     def to_dense(self) -> torch.Tensor:
-        """W [out, in], bit-identical to what was packed (entries not stored are +0.0)."""
+        """W [out, in], bit-identical to what was packed (entries not stored are +0.0); int8 codes dequantised to
+        float32 scales * q."""
+        if self.scales is not None:
+            dense = torch.zeros(self.shape, dtype=torch.float32)
+            dense.masked_scatter_(unpack_mask(self.mask, self.shape[1]), self.values.float())
+            return dense * self.scales[:, None]
         dense = torch.zeros(self.shape, dtype=self.values.dtype)
         dense.masked_scatter_(unpack_mask(self.mask, self.shape[1]), self.values)
         return dense
@@ -106,6 +120,8 @@ class PackedTensor:
         }
         if self.view is not None:
             entry["view"] = list(self.view)
+        if self.scales is not None:
+            entry["scales"] = True
         return entry
 
 
@@ -126,6 +142,8 @@ def write_sparse(
         if isinstance(t, PackedTensor):
             flat[f"{key}.mask"] = t.mask
             flat[f"{key}.values"] = t.values
+            if t.scales is not None:
+                flat[f"{key}.scales"] = t.scales.float().contiguous()
             packed[key] = t.entry()
         else:
             flat[key] = t
@@ -201,7 +219,9 @@ def _check_entry(key: str, entry, path: Path) -> tuple[tuple[int, int], bool, to
         or len(shape) != 2
         or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
         or not isinstance(transposed, bool)
-        or dtype not in PACKABLE_DTYPES
+        or not isinstance(dtype, str)
+        or dtype not in VALUE_DTYPES
+        or entry.get("scales", False) is not (dtype == "int8")
         or not isinstance(nnz, int)
         or isinstance(nnz, bool)
         or not 0 <= nnz <= shape[0] * shape[1]
@@ -219,7 +239,7 @@ def _check_entry(key: str, entry, path: Path) -> tuple[tuple[int, int], bool, to
         ):
             raise bad
         view = tuple(view)
-    return (shape[0], shape[1]), transposed, PACKABLE_DTYPES[dtype], nnz, view
+    return (shape[0], shape[1]), transposed, VALUE_DTYPES[dtype], nnz, view
 
 
 def read_tensors(
@@ -245,7 +265,8 @@ def read_tensors(
                 held = view or shape
                 if tuple(expected[key]) != held:
                     raise shape_error(key, f"shape {list(held)}", list(expected[key]))
-                for part in ("mask", "values"):
+                parts = ("mask", "values", "scales") if value_dtype == torch.int8 else ("mask", "values")
+                for part in parts:
                     if f"{key}.{part}" not in keys:
                         raise SecateursError(f"{path}: {key}.{part} is missing")
                 rows, cols = shape[::-1] if transposed else shape
@@ -263,8 +284,17 @@ def read_tensors(
                     raise SecateursError(
                         f"{path}: {key} is inconsistent: mask marks {marked} stored weights but values holds {nnz}"
                     )
-                packed[key] = PackedTensor(mask, values, (rows, cols), transposed, view)
-            packed_parts = {f"{k}.{part}" for k in header.packed for part in ("mask", "values")}
+                scales = None
+                if value_dtype == torch.int8:
+                    scales = f.get_tensor(f"{key}.scales")
+                    if (scales.dtype, tuple(scales.shape)) != (torch.float32, (rows,)):
+                        raise shape_error(
+                            f"{key}.scales", (scales.dtype, tuple(scales.shape)), (torch.float32, (rows,))
+                        )
+                    if not bool(torch.isfinite(scales).all()):
+                        raise SecateursError(f"{path}: {key}.scales holds a value that is not finite")
+                packed[key] = PackedTensor(mask, values, (rows, cols), transposed, view, scales)
+            packed_parts = {f"{k}.{part}" for k in header.packed for part in ("mask", "values", "scales")}
             for key in header.keys:
                 if key in packed_parts:
                     continue

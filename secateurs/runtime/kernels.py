@@ -6,11 +6,13 @@ Format of a pruned weight ``W [out, in]`` (``y = x @ W.T``):
   ``W[o, j]`` is stored (packed by :mod:`secateurs.format.bits`). A weight is stored iff its bit pattern is
   non-zero, so ``-0.0`` survives and :func:`unpack` gives back exactly what :func:`pack` was given.
 - ``values``: the stored weights in row-major order (float32 or bfloat16), followed here by zero padding so the
-  SIMD kernel may load a full vector past the last value.
+  SIMD kernel may load a full vector past the last value; or int8 codes ``q`` with one float32 ``scale`` per row,
+  ``W[o, j] = scales[o] * q[o, j]`` (:func:`quantize_rows`: symmetric round-to-nearest, every stored weight kept
+  non-zero so the mask is unchanged).
 - ``row_offsets``: int64 ``[out + 1]``, where each row's values start (prefix sums of per-row popcounts).
 
-At 70% sparsity this is 0.3 * 4 + 1/8 = 1.325 bytes per fp32 weight instead of 4: decoding a token is bound by
-how many weight bytes are read, so fewer bytes is more tokens per second.
+At 70% sparsity this is 0.3 * 4 + 1/8 = 1.325 bytes per fp32 weight instead of 4 (0.425 with int8 values):
+decoding a token is bound by how many weight bytes are read, so fewer bytes is more tokens per second.
 
 :func:`spmm` runs the compiled kernel (``secateurs._sparse_kernel``: AVX-512, AVX2 or scalar, picked at run time)
 when it was built, and a pure-torch reference (dense reconstruction, then ``F.linear``) otherwise.
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from secateurs.format.bits import pack_mask, packed_width, row_counts, stored_bits, unpack_mask
+from secateurs.format.bits import pack_mask, packed_width, quantize_rows, row_counts, stored_bits, unpack_mask
 
 try:  # the extension is optional: a machine without a compiler still installs and runs the torch path
     from secateurs import _sparse_kernel as _native
@@ -33,11 +35,12 @@ except ImportError:  # pragma: no cover - depends on the build
 
 ISAS = ("avx512", "avx2", "scalar", "torch")
 DTYPES = (torch.float32, torch.bfloat16)
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 PAD_VALUES = 64  # zero values after the last stored one: a 16-lane load (or two) never leaves the buffer
 ISA_ENV = "SECATEURS_KERNEL_ISA"
 
 _ISA_CODE = {"scalar": 0, "avx2": 1, "avx512": 2}
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -49,6 +52,7 @@ class PackedWeight:
     values: torch.Tensor
     row_offsets: torch.Tensor
     nnz: int
+    scales: torch.Tensor | None = None  # float32 [out] for int8 values, else None
     _args: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -62,9 +66,11 @@ class PackedWeight:
             self.shape[1],
         )
         object.__setattr__(self, "_args", args)
+        object.__setattr__(self, "_scales_ptr", 0 if self.scales is None else self.scales.data_ptr())
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the stored values (int8 for quantised ones; :func:`unpack` then gives float32)."""
         return self.values.dtype
 
     def __repr__(self) -> str:
@@ -79,7 +85,8 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of weight data a multiplication reads: the stored values and the mask (not the padding)."""
-        return self.nnz * self.values.element_size() + self.mask.numel() + self.row_offsets.numel() * 8
+        scales = 0 if self.scales is None else self.scales.numel() * 4
+        return self.nnz * self.values.element_size() + self.mask.numel() + self.row_offsets.numel() * 8 + scales
 
 
 def _check_weight(weight: torch.Tensor) -> None:
@@ -105,19 +112,28 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return offsets
 
 
-def pack(weight: torch.Tensor) -> PackedWeight:
-    """Compress a 2-D float32/bfloat16 CPU weight: keep the entries whose bit pattern is non-zero."""
+def pack(weight: torch.Tensor, values: str | torch.dtype | None = None) -> PackedWeight:
+    """Compress a 2-D float32/bfloat16 CPU weight: keep the entries whose bit pattern is non-zero.
+
+    ``values="int8"`` stores them as int8 codes with one float32 scale per row (:func:`quantize_rows`)."""
     _check_weight(weight)
     out, cols = weight.shape
     bits = stored_bits(weight)
     mask = pack_mask(bits)
-    values = weight.contiguous()[bits]
     offsets = _offsets(bits.sum(1))
-    return PackedWeight((out, cols), mask, _with_padding(values), offsets, values.numel())
+    if values in ("int8", torch.int8):
+        q, scales = quantize_rows(weight, bits)
+        kept = q[bits]
+        return PackedWeight((out, cols), mask, _with_padding(kept), offsets, kept.numel(), scales)
+    if values not in (None, "float32", "bfloat16", weight.dtype):
+        raise ValueError(f"values must be int8 or the weight's own dtype, got {values!r}")
+    kept = weight.contiguous()[bits]
+    return PackedWeight((out, cols), mask, _with_padding(kept), offsets, kept.numel())
 
 
-def from_parts(mask: torch.Tensor, values: torch.Tensor, shape) -> PackedWeight:
-    """Rebuild a packed weight from checkpoint parts: the mask and exactly the ``nnz`` stored values (no padding).
+def from_parts(mask: torch.Tensor, values: torch.Tensor, shape, scales: torch.Tensor | None = None) -> PackedWeight:
+    """Rebuild a packed weight from checkpoint parts: the mask and exactly the ``nnz`` stored values (no padding),
+    and for int8 values their float32 per-row ``scales`` [out].
 
     Checks that the parts agree with each other and with ``shape``; raises ``ValueError`` saying what is wrong.
     """
@@ -134,8 +150,16 @@ def from_parts(mask: torch.Tensor, values: torch.Tensor, shape) -> PackedWeight:
         raise ValueError(f"mask dtype must be uint8, got {mask.dtype}")
     if tuple(mask.shape) != (out, nbytes):
         raise ValueError(f"mask shape must be {(out, nbytes)} for weight shape {(out, cols)}, got {tuple(mask.shape)}")
-    if values.dtype not in DTYPES:
-        raise ValueError(f"values dtype must be float32 or bfloat16, got {values.dtype}")
+    if values.dtype not in VALUE_DTYPES:
+        raise ValueError(f"values dtype must be float32, bfloat16 or int8, got {values.dtype}")
+    if (values.dtype == torch.int8) != (scales is not None):
+        raise ValueError("int8 values need per-row scales (and only they have scales)")
+    if scales is not None:
+        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (out,):
+            raise ValueError(f"scales must be a float32 tensor of shape ({out},)")
+        if scales.device.type != "cpu" or not bool(torch.isfinite(scales).all()):
+            raise ValueError("scales must be finite and on the CPU")
+        scales = scales.contiguous()
     if values.dim() != 1:
         raise ValueError(f"values must be 1-D, got shape {tuple(values.shape)}")
     if mask.device.type != "cpu" or values.device.type != "cpu":
@@ -145,11 +169,16 @@ def from_parts(mask: torch.Tensor, values: torch.Tensor, shape) -> PackedWeight:
     nnz = int(counts.sum())
     if values.numel() != nnz:
         raise ValueError(f"mask marks {nnz} stored weights but values holds {values.numel()}")
-    return PackedWeight((out, cols), mask, _with_padding(values), _offsets(counts), nnz)
+    return PackedWeight((out, cols), mask, _with_padding(values), _offsets(counts), nnz, scales)
 
 
 def unpack(p: PackedWeight) -> torch.Tensor:
-    """The dense ``[out, in]`` weight, bit-identical to what was packed (pruned entries are +0.0)."""
+    """The dense ``[out, in]`` weight, bit-identical to what was packed (pruned entries are +0.0); int8 values come
+    back dequantised, as float32 ``scale * q``."""
+    if p.scales is not None:
+        dense = torch.zeros(p.shape, dtype=torch.float32)
+        dense.masked_scatter_(unpack_mask(p.mask, p.shape[1]), p.values[: p.nnz].float())
+        return dense * p.scales[:, None]
     dense = torch.zeros(p.shape, dtype=p.dtype)
     dense.masked_scatter_(unpack_mask(p.mask, p.shape[1]), p.values[: p.nnz])
     return dense
@@ -262,5 +291,6 @@ def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> 
         y.data_ptr(),
         _ISA_CODE[_isa],
         _threads if _threads is not None else torch.get_num_threads(),
+        p._scales_ptr,
     )
     return y

@@ -46,17 +46,19 @@ class SparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
-    def from_dense(cls, module: nn.Module) -> SparseLinear:
-        """Pack an nn.Linear (or Conv1D) as it is; the weight must be float32 or bfloat16 on the CPU."""
+    def from_dense(cls, module: nn.Module, values: str | None = None) -> SparseLinear:
+        """Pack an nn.Linear (or Conv1D) as it is; the weight must be float32 or bfloat16 on the CPU.
+        ``values="int8"`` stores int8 codes with per-row scales (then not bit-identical)."""
         W = weight_view(module).detach()
         bias = None if module.bias is None else module.bias.detach()
-        return cls(kernels.pack(W.contiguous()), bias, transposed=not isinstance(module, nn.Linear))
+        return cls(kernels.pack(W.contiguous(), values), bias, transposed=not isinstance(module, nn.Linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.spmm(x, self.packed, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as the replaced layer held it (bit-identical): [out, in], or [in, out] for a Conv1D."""
+        """The weight as the replaced layer held it (bit-identical; int8 codes dequantised to float32): [out, in],
+        or [in, out] for a Conv1D."""
         W = kernels.unpack(self.packed)
         return W.t().contiguous() if self.transposed else W
 
@@ -64,7 +66,8 @@ class SparseLinear(nn.Module):
     def nbytes(self) -> int:
         """Bytes the layer keeps in memory for its weight (mask, values with padding, row offsets)."""
         p = self.packed
-        return p.mask.numel() + p.values.numel() * p.values.element_size() + p.row_offsets.numel() * 8
+        scales = 0 if p.scales is None else p.scales.numel() * 4
+        return p.mask.numel() + p.values.numel() * p.values.element_size() + p.row_offsets.numel() * 8 + scales
 
     def extra_repr(self) -> str:
         p = self.packed
@@ -143,10 +146,10 @@ def _load_module(folder, model, dtype, threshold):
         module = model.get_submodule(name)
         linear = isinstance(module, nn.Linear) and p.view is None
         if not linear or 1 - p.nnz / max(p.shape[0] * p.shape[1], 1) < threshold:
-            loading.set_tensor(model, f"{name}.weight", nn.Parameter(p.to_held(), requires_grad=False))
+            loading.set_tensor(model, f"{name}.weight", nn.Parameter(loading.held(model, name, p), requires_grad=False))
             continue
         try:
-            weight = kernels.from_parts(p.mask, p.values, p.shape)
+            weight = kernels.from_parts(p.mask, p.values, p.shape, p.scales)
         except ValueError as exc:
             raise SecateursError(f"{folder}: cannot run {name} on the sparse kernel: {exc}") from None
         _replace(model, name, SparseLinear(weight, module.bias, False))
@@ -188,10 +191,10 @@ def load_sparse(
     for name, p in packed.items():
         module = model.get_submodule(name)
         if 1 - p.nnz / max(p.shape[0] * p.shape[1], 1) < threshold:
-            module.weight = nn.Parameter(p.to_held())
+            module.weight = nn.Parameter(loading.held(model, name, p))
             continue
         try:
-            weight = kernels.from_parts(p.mask, p.values, p.shape)
+            weight = kernels.from_parts(p.mask, p.values, p.shape, p.scales)
         except ValueError as exc:
             raise SecateursError(f"{folder}: cannot run {name} on the sparse kernel: {exc}") from None
         _replace(model, name, SparseLinear(weight, getattr(module, "bias", None), p.transposed))

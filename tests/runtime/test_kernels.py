@@ -292,3 +292,58 @@ def test_isa_environment_variable():
     assert done.returncode == 0 and done.stdout.strip() == "torch"
     done = _import_with_env("sse9")
     assert done.returncode != 0 and "SECATEURS_KERNEL_ISA" in done.stderr and "unknown kernel ISA" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ int8 values
+def test_quantize_rows_by_hand():
+    W = torch.tensor([[1.27, -0.5, 0.0, 0.001], [0.0, 0.0, 0.0, 0.0], [-2.54, 0.0, -0.0, 0.02]])
+    stored = W.view(torch.int32) != 0
+    q, scales = kernels.quantize_rows(W, stored)
+    assert torch.allclose(scales, torch.tensor([0.01, 1.0, 0.02]))
+    # 1.27/0.01 = 127, -0.5/0.01 = -50, 0.001/0.01 rounds to 0 but is stored: +1; empty row scale 1, codes 0;
+    # -0.0 is stored (bit pattern) yet zero: stays 0
+    assert q.tolist() == [[127, -50, 0, 1], [0, 0, 0, 0], [-127, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cols", [1, 7, 16, 17, 33, 576])
+def test_int8_values_match_their_dequantised_weight(isa, cols):
+    """int8 codes times per-row scales, on every path, against float64 truth of the dequantised weight; the mask
+    (every stored weight) is unchanged by quantisation."""
+    kernels.set_isa(isa)
+    for sparsity in SPARSITIES:
+        weight = sparse_weight(21, cols, sparsity, seed=cols)
+        p = kernels.pack(weight, "int8")
+        assert p.values.dtype == torch.int8 and p.scales.shape == (21,)
+        dequantised = kernels.unpack(p)
+        assert torch.equal(dequantised != 0, weight != 0)
+        if weight.any():
+            scale = weight.abs().amax(1, keepdim=True)
+            assert bool(
+                ((dequantised - weight).abs() <= scale / 127 * 0.5 + 1e-7).logical_or(weight.abs() < scale / 254).all()
+            )
+        for batch in (1, 4, 5, 37):
+            x = torch.randn(batch, cols)
+            bias = torch.randn(21)
+            assert_close_to_truth(kernels.spmm(x, p, bias), x, dequantised, bias)
+            xb = x.bfloat16()
+            assert_close_to_truth(kernels.spmm(xb, p), xb, dequantised, None)
+
+
+def test_int8_from_parts_checks_scales():
+    p = kernels.pack(sparse_weight(6, 13, 0.5), "int8")
+    mask, values = p.mask, p.values[: p.nnz]
+    again = kernels.from_parts(mask, values, (6, 13), p.scales)
+    assert torch.equal(kernels.unpack(again), kernels.unpack(p))
+    for scales, message in (
+        (None, "need per-row scales"),
+        (p.scales[:5], r"shape \(6,\)"),
+        (p.scales.double(), "float32"),
+        (torch.full((6,), float("nan")), "finite"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            kernels.from_parts(mask, values, (6, 13), scales)
+    with pytest.raises(ValueError, match="only they have scales"):
+        kernels.from_parts(mask, values.float(), (6, 13), p.scales)
+    with pytest.raises(ValueError, match="values must be int8"):
+        kernels.pack(sparse_weight(6, 13, 0.5), "int4")

@@ -4,6 +4,7 @@ real SmolLM2."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 import secateurs
 from secateurs.checkpoint import load_pruned, save_pruned, save_sparse
 from secateurs.errors import SecateursError
-from secateurs.models import decoder_linears
+from secateurs.models import decoder_linears, weight_view
 from secateurs.runtime import kernels, timing
 from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify, to_sparse_linears
 
@@ -166,3 +167,59 @@ def test_smollm2_sparse_greedy_equals_dense_masked(tmp_path, sparsity):
     assert torch.equal(got, want), (tok.decode(got[0]), tok.decode(want[0]))
     back, _ = load_pruned(tmp_path / "s")
     assert_bit_identical(model, back)
+
+
+# ------------------------------------------------------------------------------------------- int8 values
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_int8_checkpoint_round_trip(tmp_path, family):
+    """save_sparse(values="int8"): int8 codes + per-row scales on disk; load_pruned gives the dequantised weights
+    with the same zeros; load_sparse runs them on the kernel with the same outputs; int8 of an int8 folder is
+    the same codes again."""
+    from safetensors import safe_open
+
+    from secateurs.format.sparse import WEIGHTS_NAME
+
+    model = pruned_tiny(family)
+    f32 = save_sparse(model, None, tmp_path / "f32", progress=False)
+    i8 = save_sparse(model, None, tmp_path / "i8", progress=False, values="int8")
+    assert i8["values"] == "int8" and i8["linear_checkpoint_bytes"] < 0.5 * f32["linear_checkpoint_bytes"]
+    with safe_open(tmp_path / "i8" / WEIGHTS_NAME, "pt") as f:
+        keys = list(f.keys())
+        first = next(k for k in keys if k.endswith(".values"))
+        assert f.get_tensor(first).dtype == torch.int8 and first.replace(".values", ".scales") in keys
+    dense, _ = load_pruned(tmp_path / "i8")
+    for name, module in decoder_linears(model).items():
+        W0, W1 = weight_view(module), weight_view(dense.get_submodule(name))
+        assert torch.equal(W0 == 0, W1 == 0), name  # same zeros: the mask survives quantisation
+        scale = W0.abs().amax(1, keepdim=True) / 127
+        assert bool(((W1 - W0).abs() <= scale + 1e-8).all()), name
+    fast, _ = load_sparse(tmp_path / "i8", threads=1)
+    assert {m.packed.dtype for m in fast.modules() if isinstance(m, SparseLinear)} == {torch.int8}
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+        close = model(ids).logits
+    torch.testing.assert_close(dense(ids).logits, close, atol=0.05, rtol=0.05)  # near the unquantised model
+    from secateurs.checkpoint import compress
+
+    compress(tmp_path / "i8", tmp_path / "again", values="int8", progress=False)
+    again, _ = load_pruned(tmp_path / "again")
+    a, b = again.state_dict(), dense.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compress_values_int8_cli_and_errors(tmp_path, tiny_model_dir):
+    from conftest import run_main
+
+    model, tokenizer, _ = secateurs.load_model(str(tiny_model_dir))
+    secateurs.prune(model, secateurs.Recipe(method="magnitude", sparsity=0.7), progress=False)
+    save_pruned(model, tokenizer, tmp_path / "hf")
+    code, out, err = run_main("compress", tmp_path / "hf", "-o", tmp_path / "i8", "--values", "int8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["values"] == "int8"
+    code, _, err = run_main("compress", tmp_path / "i8", "-o", tmp_path / "x")
+    assert code == 2 and "already a sparse checkpoint (add --values int8" in err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    code, _, err = run_main("compress", tmp_path / "hf", "-o", tmp_path / "busy", "--values", "int8")
+    assert code == 2 and "busy" in err and (tmp_path / "busy" / "keep.txt").read_text() == "mine"

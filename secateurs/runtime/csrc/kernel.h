@@ -1,19 +1,24 @@
 // The sparse matmul problem shared by the scalar, AVX2 and AVX-512 kernels.
 //
 // A pruned weight W [out, in] is a bitmask (bit j % 8 of byte j / 8 of a row is set iff W[o, j] is stored) and the
-// stored values in row-major order, padded so a full SIMD vector may be loaded past the last value. Each kernel
-// computes y[t, o] = sum_j W[o, j] * x[t, j] (+ bias[o]) in fp32 for the rows [r0, r1) and every token t.
+// stored values in row-major order, padded so a full SIMD vector may be loaded past the last value. Values are
+// float32, bfloat16, or int8 with one float32 scale per row (W[o, j] = scales[o] * q[o, j]; the scale multiplies
+// the row's finished sum, so the inner loop only widens int8 to fp32). Each kernel computes
+// y[t, o] = sum_j W[o, j] * x[t, j] (+ bias[o]) in fp32 for the rows [r0, r1) and every token t.
 #pragma once
 
 #include <stdint.h>
 
 namespace secateurs {
 
+enum ValueType { kF32 = 0, kBF16 = 1, kI8 = 2 };
+
 struct Problem {
     const uint8_t* mask;         // [out, mask_stride]
     int64_t mask_stride;         // ceil(in / 8)
-    const void* values;          // float32 or bfloat16 (values_bf16), padded
-    int values_bf16;
+    const void* values;          // float32, bfloat16 or int8 (values_type), padded
+    int values_type;             // kF32, kBF16 or kI8
+    const float* scales;         // [out] per-row scales of int8 values, else null
     const int64_t* row_offsets;  // [out + 1]
     int64_t out, in;
     const float* x;              // [m, x_stride] fp32

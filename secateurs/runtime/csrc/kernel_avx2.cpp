@@ -33,9 +33,13 @@ struct PermutationTable {
 };
 constexpr PermutationTable kPermutation;
 
-template <bool BF16>
+template <int VT>
 inline __m256 load8(const void* values, int64_t pos) {
-    if (BF16) {
+    if (VT == kI8) {
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + pos));
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    }
+    if (VT == kBF16) {
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + pos));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
     }
@@ -43,14 +47,14 @@ inline __m256 load8(const void* values, int64_t pos) {
 }
 
 // The next popcount(byte) packed values, moved to the lanes whose mask bits are set (others zero), as fp32.
-template <bool BF16>
+template <int VT>
 inline __m256 expand8(const void* values, int64_t pos, uint32_t byte) {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     // vpermps reads only the low 3 bits of each index: no need to mask the nibbles
     const __m256i index = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kPermutation.entry[byte])), shifts);
     const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit), lane_bit);
-    return _mm256_and_ps(_mm256_permutevar8x32_ps(load8<BF16>(values, pos), index), _mm256_castsi256_ps(keep));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(load8<VT>(values, pos), index), _mm256_castsi256_ps(keep));
 }
 
 inline float hsum(__m256 v) {
@@ -60,7 +64,7 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-template <int MB, int R, bool BF16>
+template <int MB, int R, int VT>
 void block(const Problem& p, int64_t o, int64_t t0) {
     __m256 acc[R * MB];
     for (int i = 0; i < R * MB; ++i) acc[i] = _mm256_setzero_ps();
@@ -76,7 +80,7 @@ void block(const Problem& p, int64_t o, int64_t t0) {
     for (int64_t c = 0; c < full; ++c) {
         for (int r = 0; r < R; ++r) {
             const uint32_t byte = mrow[r][c];
-            const __m256 w = expand8<BF16>(p.values, pos[r], byte);
+            const __m256 w = expand8<VT>(p.values, pos[r], byte);
             pos[r] += __builtin_popcount(byte);
             for (int t = 0; t < MB; ++t)
                 acc[r * MB + t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * xs + c * 8), acc[r * MB + t]);
@@ -87,14 +91,15 @@ void block(const Problem& p, int64_t o, int64_t t0) {
         const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         const __m256i xmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lanes);
         for (int r = 0; r < R; ++r) {
-            const __m256 w = expand8<BF16>(p.values, pos[r], mrow[r][full]);
+            const __m256 w = expand8<VT>(p.values, pos[r], mrow[r][full]);
             for (int t = 0; t < MB; ++t)
                 acc[r * MB + t] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + t * xs + full * 8, xmask), acc[r * MB + t]);
         }
     }
     for (int r = 0; r < R; ++r) {
         const float b = p.bias ? p.bias[o + r] : 0.0f;
-        for (int t = 0; t < MB; ++t) p.y[(t0 + t) * p.y_stride + o + r] = hsum(acc[r * MB + t]) + b;
+        const float scale = VT == kI8 ? p.scales[o + r] : 1.0f;
+        for (int t = 0; t < MB; ++t) p.y[(t0 + t) * p.y_stride + o + r] = hsum(acc[r * MB + t]) * scale + b;
     }
 }
 
@@ -103,32 +108,33 @@ void block(const Problem& p, int64_t o, int64_t t0) {
 constexpr int kRows = 2;
 constexpr int kTokens = 4;
 
-template <int R, bool BF16>
+template <int R, int VT>
 void tokens(const Problem& p, int64_t o) {
     int64_t t0 = 0;
-    for (; t0 + kTokens <= p.m; t0 += kTokens) block<kTokens, R, BF16>(p, o, t0);
+    for (; t0 + kTokens <= p.m; t0 += kTokens) block<kTokens, R, VT>(p, o, t0);
     switch (p.m - t0) {
-        case 1: block<1, R, BF16>(p, o, t0); break;
-        case 2: block<2, R, BF16>(p, o, t0); break;
-        case 3: block<3, R, BF16>(p, o, t0); break;
+        case 1: block<1, R, VT>(p, o, t0); break;
+        case 2: block<2, R, VT>(p, o, t0); break;
+        case 3: block<3, R, VT>(p, o, t0); break;
         default: break;
     }
 }
 
-template <bool BF16>
+template <int VT>
 void all_rows(const Problem& p, int64_t r0, int64_t r1) {
     int64_t o = r0;
-    for (; o + kRows <= r1; o += kRows) tokens<kRows, BF16>(p, o);
-    for (; o < r1; ++o) tokens<1, BF16>(p, o);
+    for (; o + kRows <= r1; o += kRows) tokens<kRows, VT>(p, o);
+    for (; o < r1; ++o) tokens<1, VT>(p, o);
 }
 
 }  // namespace
 
 void rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
-    if (p.values_bf16)
-        all_rows<true>(p, r0, r1);
-    else
-        all_rows<false>(p, r0, r1);
+    switch (p.values_type) {
+        case kBF16: all_rows<kBF16>(p, r0, r1); break;
+        case kI8: all_rows<kI8>(p, r0, r1); break;
+        default: all_rows<kF32>(p, r0, r1); break;
+    }
 }
 
 }  // namespace secateurs

@@ -29,10 +29,13 @@ inline uint32_t bits16(const uint8_t* p) {
 // The empty asm keeps the load a separate instruction: compilers otherwise fold it into the expand, and the
 // memory-operand form of vexpandps is many times slower on AMD Zen 4/5. bf16 values are widened to fp32 first:
 // vpmovzxwd + shift + vexpandps is twice as fast there as vpexpandw on 16-bit lanes.
-template <bool BF16>
+template <int VT>
 inline __m512 expand16(const void* values, int64_t pos, __mmask16 k) {
     __m512 raw;
-    if (BF16) {
+    if (VT == kI8) {  // int8 widened to fp32 before the expand; the row's scale multiplies its finished sum
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + pos));
+        raw = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+    } else if (VT == kBF16) {
         const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values) + pos));
         raw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
     } else {
@@ -53,7 +56,7 @@ inline __m256 reduce8(const __m512* v) {
 }
 
 // R consecutive rows starting at o, MB consecutive tokens starting at t0.
-template <int MB, int R, bool BF16>
+template <int MB, int R, int VT>
 void block(const Problem& p, int64_t o, int64_t t0) {
     __m512 acc[R * MB];
     for (int i = 0; i < R * MB; ++i) acc[i] = _mm512_setzero_ps();
@@ -71,7 +74,7 @@ void block(const Problem& p, int64_t o, int64_t t0) {
         for (int t = 0; t < MB; ++t) xv[t] = _mm512_loadu_ps(x + t * xs + c * 16);
         for (int r = 0; r < R; ++r) {
             const uint32_t bits = bits16(mrow[r] + 2 * c);
-            const __m512 w = expand16<BF16>(p.values, pos[r], static_cast<__mmask16>(bits));
+            const __m512 w = expand16<VT>(p.values, pos[r], static_cast<__mmask16>(bits));
             pos[r] += __builtin_popcount(bits);
             for (int t = 0; t < MB; ++t) acc[r * MB + t] = _mm512_fmadd_ps(w, xv[t], acc[r * MB + t]);
         }
@@ -84,7 +87,7 @@ void block(const Problem& p, int64_t o, int64_t t0) {
         for (int r = 0; r < R; ++r) {
             uint32_t bits = mrow[r][2 * full];
             if (rem > 8) bits |= static_cast<uint32_t>(mrow[r][2 * full + 1]) << 8;
-            const __m512 w = expand16<BF16>(p.values, pos[r], static_cast<__mmask16>(bits));
+            const __m512 w = expand16<VT>(p.values, pos[r], static_cast<__mmask16>(bits));
             for (int t = 0; t < MB; ++t) acc[r * MB + t] = _mm512_fmadd_ps(w, xv[t], acc[r * MB + t]);
         }
     }
@@ -99,7 +102,8 @@ void block(const Problem& p, int64_t o, int64_t t0) {
     }
     for (int r = 0; r < R; ++r) {
         const float b = p.bias ? p.bias[o + r] : 0.0f;
-        for (int t = 0; t < MB; ++t) p.y[(t0 + t) * p.y_stride + o + r] = sums[r * MB + t] + b;
+        const float scale = VT == kI8 ? p.scales[o + r] : 1.0f;
+        for (int t = 0; t < MB; ++t) p.y[(t0 + t) * p.y_stride + o + r] = sums[r * MB + t] * scale + b;
     }
 }
 
@@ -109,32 +113,33 @@ void block(const Problem& p, int64_t o, int64_t t0) {
 constexpr int kRows = 4;
 constexpr int kTokens = 4;
 
-template <int R, bool BF16>
+template <int R, int VT>
 void tokens(const Problem& p, int64_t o) {
     int64_t t0 = 0;
-    for (; t0 + kTokens <= p.m; t0 += kTokens) block<kTokens, R, BF16>(p, o, t0);
+    for (; t0 + kTokens <= p.m; t0 += kTokens) block<kTokens, R, VT>(p, o, t0);
     switch (p.m - t0) {
-        case 1: block<1, R, BF16>(p, o, t0); break;
-        case 2: block<2, R, BF16>(p, o, t0); break;
-        case 3: block<3, R, BF16>(p, o, t0); break;
+        case 1: block<1, R, VT>(p, o, t0); break;
+        case 2: block<2, R, VT>(p, o, t0); break;
+        case 3: block<3, R, VT>(p, o, t0); break;
         default: break;
     }
 }
 
-template <bool BF16>
+template <int VT>
 void all_rows(const Problem& p, int64_t r0, int64_t r1) {
     int64_t o = r0;
-    for (; o + kRows <= r1; o += kRows) tokens<kRows, BF16>(p, o);
-    for (; o < r1; ++o) tokens<1, BF16>(p, o);
+    for (; o + kRows <= r1; o += kRows) tokens<kRows, VT>(p, o);
+    for (; o < r1; ++o) tokens<1, VT>(p, o);
 }
 
 }  // namespace
 
 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
-    if (p.values_bf16)
-        all_rows<true>(p, r0, r1);
-    else
-        all_rows<false>(p, r0, r1);
+    switch (p.values_type) {
+        case kBF16: all_rows<kBF16>(p, r0, r1); break;
+        case kI8: all_rows<kI8>(p, r0, r1); break;
+        default: all_rows<kF32>(p, r0, r1); break;
+    }
 }
 
 }  // namespace secateurs

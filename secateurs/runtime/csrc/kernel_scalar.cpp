@@ -9,7 +9,8 @@ namespace {
 constexpr int kTokens = 8;  // tokens per block: one pass over a row's values feeds all of them
 
 inline float value_at(const Problem& p, int64_t i) {
-    if (!p.values_bf16) return static_cast<const float*>(p.values)[i];
+    if (p.values_type == kF32) return static_cast<const float*>(p.values)[i];
+    if (p.values_type == kI8) return static_cast<float>(static_cast<const int8_t*>(p.values)[i]);
     uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p.values)[i]) << 16;
     float f;
     memcpy(&f, &bits, sizeof f);
@@ -35,7 +36,8 @@ void rows_scalar(const Problem& p, int64_t r0, int64_t r1) {
                 }
             }
             const float b = p.bias ? p.bias[o] : 0.0f;
-            for (int t = 0; t < mb; ++t) p.y[(t0 + t) * p.y_stride + o] = acc[t] + b;
+            const float scale = p.scales ? p.scales[o] : 1.0f;
+            for (int t = 0; t < mb; ++t) p.y[(t0 + t) * p.y_stride + o] = acc[t] * scale + b;
         }
     }
 }

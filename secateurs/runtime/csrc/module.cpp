@@ -265,21 +265,28 @@ bool ptr_arg(PyObject* o, const void** out) {
 }
 
 PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-    // mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, threads
-    if (nargs != 15) {
-        PyErr_Format(PyExc_TypeError, "spmm takes 15 integer arguments, got %zd", nargs);
+    // mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, threads,
+    // scales
+    if (nargs != 16) {
+        PyErr_Format(PyExc_TypeError, "spmm takes 16 integer arguments, got %zd", nargs);
         return nullptr;
     }
-    const void *mask, *values, *offsets, *x, *bias, *y;
+    const void *mask, *values, *offsets, *x, *bias, *y, *scales;
     int values_dtype, x_dtype, bias_dtype, isa, threads;
     int64_t out, in, x_stride, m;
     if (!ptr_arg(args[0], &mask) || !ptr_arg(args[1], &values) || !arg(args[2], &values_dtype) ||
         !ptr_arg(args[3], &offsets) || !arg(args[4], &out) || !arg(args[5], &in) || !ptr_arg(args[6], &x) ||
         !arg(args[7], &x_stride) || !arg(args[8], &m) || !arg(args[9], &x_dtype) || !ptr_arg(args[10], &bias) ||
-        !arg(args[11], &bias_dtype) || !ptr_arg(args[12], &y) || !arg(args[13], &isa) || !arg(args[14], &threads))
+        !arg(args[11], &bias_dtype) || !ptr_arg(args[12], &y) || !arg(args[13], &isa) || !arg(args[14], &threads) ||
+        !ptr_arg(args[15], &scales))
         return nullptr;
-    if ((values_dtype | x_dtype) & ~1 || bias_dtype < -1 || bias_dtype > 1) {
-        PyErr_SetString(PyExc_ValueError, "dtype codes must be 0 (float32) or 1 (bfloat16)");
+    if (x_dtype & ~1 || bias_dtype < -1 || bias_dtype > 1 || values_dtype < kF32 || values_dtype > kI8) {
+        PyErr_SetString(PyExc_ValueError,
+                        "dtype codes must be 0 (float32) or 1 (bfloat16); values may also be 2 (int8)");
+        return nullptr;
+    }
+    if ((values_dtype == kI8) != (scales != nullptr)) {
+        PyErr_SetString(PyExc_ValueError, "int8 values need per-row scales, other values none");
         return nullptr;
     }
     if (isa < kScalar || isa > kAvx512 || (isa == kAvx2 && !(kFeatures & 1)) || (isa == kAvx512 && !(kFeatures & 2))) {
@@ -297,7 +304,8 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     p.mask = static_cast<const uint8_t*>(mask);
     p.mask_stride = (in + 7) / 8;
     p.values = values;
-    p.values_bf16 = values_dtype;
+    p.values_type = values_dtype;
+    p.scales = static_cast<const float*>(scales);
     p.row_offsets = static_cast<const int64_t*>(offsets);
     p.out = out;
     p.in = in;
@@ -363,7 +371,8 @@ PyObject* py_spin_us(PyObject*, PyObject*) { return PyLong_FromLongLong(g_spin_u
 PyMethodDef kMethods[] = {
     {"spmm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_spmm)), METH_FASTCALL,
      "spmm(mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, "
-     "threads): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, codes)."},
+     "threads, scales): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, codes); "
+     "values_dtype 2 (int8) takes per-row float32 scales, else scales is 0."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Bit 0: AVX2+FMA; bit 1: AVX-512 F/BW/VL/DQ/VBMI2."},
     {"set_spin_us", py_set_spin_us, METH_O, "How long idle workers spin (microseconds) before they sleep."},
     {"spin_us", py_spin_us, METH_NOARGS, "How long idle workers spin (microseconds) before they sleep."},
