@@ -29,6 +29,7 @@ import torch
 
 from secateurs import loading
 from secateurs.errors import SecateursError
+from secateurs.format.sparse import dtype_name
 from secateurs.measure import versions
 from secateurs.models import default_device, load_model, resolve_dtype
 from secateurs.runtime import kernels, timing
@@ -38,13 +39,20 @@ from secateurs.runtime.linear import SparseLinear, load_sparse, torch_threads
 log = logging.getLogger(__name__)
 
 
-def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | None):
-    """(sparse model, dense model, tokenizer, rss added by each)."""
+def _int8(model) -> bool:
+    return any(isinstance(m, SparseLinear) and m.packed.dtype == torch.int8 for m in model.modules())
 
-    def dense_load():
+
+def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | None, dense_dtype=None):
+    """(sparse model, dense model, tokenizer, rss added by each, conversion summary). ``dense_dtype``: the dense
+    model's dtype (default: the sparse one's; bfloat16 against int8 values)."""
+
+    def dense_load(want=None):
         if loading.is_sparse_folder(folder):
-            return loading.load_pruned(folder, dtype)[0]
-        return load_model(str(folder), dtype or "auto")[0]
+            model = loading.load_pruned(folder, dtype)[0]
+        else:
+            model = load_model(str(folder), dtype or "auto")[0]
+        return model if want is None else model.to(want)
 
     if device.type == "cuda":  # memory: what each model added to the CUDA allocator
         before = torch.cuda.memory_allocated(device)
@@ -61,8 +69,10 @@ def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | 
     rss = timing.rss()
     sparse, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity)
     rss_sparse = timing.rss() - rss
+    if dense_dtype is None and _int8(sparse):
+        dense_dtype = torch.bfloat16  # int8 values are measured against what a user would run dense instead
     rss = timing.rss()
-    dense = dense_load()
+    dense = dense_load(dense_dtype)
     rss_dense = timing.rss() - rss
     converted = sum(isinstance(m, SparseLinear) for m in sparse.modules())
     if not converted:
@@ -84,8 +94,12 @@ def benchmark(
     micro: bool = True,
     seed: int = 0,
     sparse_torch_threads: int | None = 1,
+    dense_dtype: str | torch.dtype | None = None,
 ) -> dict:
-    """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc."""
+    """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc.
+
+    ``dense_dtype``: the dtype of the dense model compared against (default: the sparse model's, and bfloat16
+    when the sparse folder holds int8 values)."""
     if tokens < 2 or prompt_len < 1 or batch < 1 or repeat < 1:
         raise SecateursError("need --tokens >= 2, --prompt-len >= 1, --batch >= 1 and --repeat >= 1")
     folder = Path(folder).expanduser()
@@ -99,9 +113,12 @@ def benchmark(
             raise SecateursError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     kernels.set_num_threads(threads)
+    dense_dtype = resolve_dtype(dense_dtype)
+    dense_dtype = None if dense_dtype == "auto" else dense_dtype
     bandwidth = timing.read_bandwidth(device=device)
-    sparse, dense, _, rss, conversion = _load_pair(folder, dtype, device, min_sparsity)
-    dtype = next(dense.parameters()).dtype
+    sparse, dense, _, rss, conversion = _load_pair(folder, dtype, device, min_sparsity, dense_dtype)
+    dtype = next(sparse.parameters()).dtype
+    values = sorted({dtype_name(m.packed.dtype) for m in sparse.modules() if isinstance(m, SparseLinear)})
     vocab = dense.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
@@ -129,6 +146,8 @@ def benchmark(
         "model": str(folder),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "dense_dtype": str(next(dense.parameters()).dtype).removeprefix("torch."),
+        "sparse_values": values or None,
         "threads": torch.get_num_threads(),
         "kernel_threads": kernels.num_threads(),
         "sparse_torch_threads": own_threads["sparse"],
@@ -141,9 +160,16 @@ def benchmark(
         "same_tokens": bool(torch.equal(outputs["dense"], outputs["sparse"])),
         "versions": versions(),
     }
+    linears = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
+    numel = sum(m.out_features * m.in_features for m in linears)
+    bytes_per_weight = {
+        "sparse": sum(m.packed.nbytes for m in linears) / max(numel, 1),
+        "dense": next(dense.parameters()).element_size(),
+    }
     for name, model in models.items():
         per_step = timing.step_bytes(model)
         result[name] = {
+            "linear_bytes_per_weight": bytes_per_weight[name],
             "decode_tokens_per_s": (tokens - 1) * batch / statistics.median(decode[name]),
             "prefill_tokens_per_s": prompt_len * batch / statistics.median(prefill[name]),
             "weight_bytes": timing.weight_bytes(model),
@@ -163,6 +189,13 @@ def format_table(r: dict) -> str:
     lines = [
         f"{r['model']}: {r['device']} {r['dtype']}, {r['threads']} threads, kernel {r['kernel_isa']} "
         f"({r['kernel_threads']} threads; torch {r.get('sparse_torch_threads', r['threads'])} while sparse runs)",
+        f"sparse values {', '.join(r.get('sparse_values') or ['-'])} against dense {r.get('dense_dtype', r['dtype'])}"
+        + (
+            f"; linear weights {r['sparse']['linear_bytes_per_weight']:.3f} vs "
+            f"{r['dense']['linear_bytes_per_weight']:.0f} bytes per weight"
+            if "linear_bytes_per_weight" in r.get("sparse", {})
+            else ""
+        ),
         f"protocol: {r['protocol']}",
         f"read bandwidth {r['read_bandwidth_gbps']:.1f} GB/s; greedy tokens identical: {r['same_tokens']}",
         "",
@@ -211,6 +244,12 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and the kernel (default: torch's)")
     p.add_argument("--dtype", default="auto", help="auto (as stored), float32 or bfloat16")
+    p.add_argument(
+        "--dense-dtype",
+        default="auto",
+        help="the dense model compared against: auto (the sparse model's dtype; bfloat16 for int8 values), "
+        "float32 or bfloat16",
+    )
     p.add_argument("--device", default="cpu", help="cpu (sparse kernel) or cuda (2:4 semi-structured)")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats, median reported (default 3)")
     p.add_argument("--min-sparsity", type=float, default=None, help="linears less sparse than this stay dense")
@@ -241,6 +280,7 @@ def _run(args) -> dict:
         min_sparsity=args.min_sparsity,
         micro=not args.no_micro,
         sparse_torch_threads=args.sparse_torch_threads,
+        dense_dtype=args.dense_dtype,
     )
     if not args.json:
         print(format_table(result))

@@ -153,3 +153,23 @@ def test_cli_bench_errors(tmp_path, tiny_model_dir, argv, message):
     argv = [a.format(tmp=tmp_path, dense=tiny_model_dir) for a in argv]
     code, out, err = run_main("bench", *argv, "--quiet", "--repeat", "1")
     assert code == 2 and out == "" and message in err, err
+
+
+def test_bench_of_int8_values_compares_with_dense_bf16(sparse_tiny_dir, tmp_path):
+    folder, _ = sparse_tiny_dir
+    secateurs.compress(folder, tmp_path / "i8", values="int8", progress=False)
+    args = ["--tokens", "3", "--prompt-len", "4", "--repeat", "1", "--threads", "1", "--quiet", "--no-micro"]
+    code, out, err = run_main("bench", tmp_path / "i8", *args, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["sparse_values"] == ["int8"] and result["dense_dtype"] == "bfloat16"
+    # 30% of the weights stored at 1 byte, a bit each for the mask, per row a 4-byte scale and an 8-byte offset
+    model, _ = secateurs.load_sparse(tmp_path / "i8")
+    linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    want = sum(m.packed.nnz + m.packed.mask.numel() + 12 * m.out_features + 8 for m in linears)
+    want /= sum(m.out_features * m.in_features for m in linears)
+    assert result["sparse"]["linear_bytes_per_weight"] == pytest.approx(want) and 0.3 + 1 / 8 < want < 0.7
+    assert result["dense"]["linear_bytes_per_weight"] == 2
+    code, out, err = run_main("bench", tmp_path / "i8", *args, "--json", "--dense-dtype", "float32")
+    assert code == 0, err
+    assert json.loads(out)["dense_dtype"] == "float32"
