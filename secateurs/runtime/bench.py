@@ -43,7 +43,7 @@ def _int8(model) -> bool:
     return any(isinstance(m, SparseLinear) and m.packed.dtype == torch.int8 for m in model.modules())
 
 
-def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | None, dense_dtype=None):
+def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | None, dense_dtype=None, head=None):
     """(sparse model, dense model, tokenizer, rss added by each, conversion summary). ``dense_dtype``: the dense
     model's dtype (default: the sparse one's; bfloat16 against int8 values)."""
 
@@ -67,7 +67,7 @@ def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | 
     loading.empty_model(folder, torch.float32)
     loading.load_tokenizer(folder)
     rss = timing.rss()
-    sparse, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity)
+    sparse, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity, head=head)
     rss_sparse = timing.rss() - rss
     if dense_dtype is None and _int8(sparse):
         dense_dtype = torch.bfloat16  # int8 values are measured against what a user would run dense instead
@@ -95,17 +95,21 @@ def benchmark(
     seed: int = 0,
     sparse_torch_threads: int | None = 1,
     dense_dtype: str | torch.dtype | None = None,
+    head: str | None = None,
 ) -> dict:
     """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc.
 
     ``dense_dtype``: the dtype of the dense model compared against (default: the sparse model's, and bfloat16
-    when the sparse folder holds int8 values)."""
+    when the sparse folder holds int8 values). ``head="int8"``: the sparse model's LM head (and a tied plain
+    embedding) int8 too, see :func:`secateurs.runtime.linear.int8_head`."""
     if tokens < 2 or prompt_len < 1 or batch < 1 or repeat < 1:
         raise SecateursError("need --tokens >= 2, --prompt-len >= 1, --batch >= 1 and --repeat >= 1")
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise SecateursError(f"{folder} is not a model folder (no config.json)")
     device = default_device(device)
+    if head is not None and device.type != "cpu":
+        raise SecateursError("--head int8 runs on the CPU kernel: use --device cpu")
     dtype = resolve_dtype(dtype)
     dtype = None if dtype == "auto" else dtype
     if threads is not None:
@@ -116,7 +120,7 @@ def benchmark(
     dense_dtype = resolve_dtype(dense_dtype)
     dense_dtype = None if dense_dtype == "auto" else dense_dtype
     bandwidth = timing.read_bandwidth(device=device)
-    sparse, dense, _, rss, conversion = _load_pair(folder, dtype, device, min_sparsity, dense_dtype)
+    sparse, dense, _, rss, conversion = _load_pair(folder, dtype, device, min_sparsity, dense_dtype, head)
     dtype = next(sparse.parameters()).dtype
     values = sorted({dtype_name(m.packed.dtype) for m in sparse.modules() if isinstance(m, SparseLinear)})
     vocab = dense.get_input_embeddings().num_embeddings
@@ -148,6 +152,7 @@ def benchmark(
         "dtype": str(dtype).removeprefix("torch."),
         "dense_dtype": str(next(dense.parameters()).dtype).removeprefix("torch."),
         "sparse_values": values or None,
+        "sparse_head": head or "as stored",
         "threads": torch.get_num_threads(),
         "kernel_threads": kernels.num_threads(),
         "sparse_torch_threads": own_threads["sparse"],
@@ -253,6 +258,12 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--device", default="cpu", help="cpu (sparse kernel) or cuda (2:4 semi-structured)")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats, median reported (default 3)")
     p.add_argument("--min-sparsity", type=float, default=None, help="linears less sparse than this stay dense")
+    p.add_argument(
+        "--head",
+        choices=["int8"],
+        default=None,
+        help="the sparse model's LM head (and a tied embedding) as int8 rows on the kernel",
+    )
     p.add_argument("--no-micro", action="store_true", help="skip the per-shape microbenchmarks")
     p.add_argument(
         "--sparse-torch-threads",
@@ -281,6 +292,7 @@ def _run(args) -> dict:
         micro=not args.no_micro,
         sparse_torch_threads=args.sparse_torch_threads,
         dense_dtype=args.dense_dtype,
+        head=args.head,
     )
     if not args.json:
         print(format_table(result))

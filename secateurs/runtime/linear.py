@@ -17,7 +17,7 @@ from torch import nn
 
 from secateurs import loading
 from secateurs.errors import SecateursError
-from secateurs.format.bits import stored_count
+from secateurs.format.bits import quantize_rows, stored_bits, stored_count
 from secateurs.format.sparse import PACKABLE_DTYPES
 from secateurs.models import decoder_linears, load_model, weight_view
 from secateurs.runtime import kernels
@@ -75,6 +75,70 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"dtype={str(p.dtype).removeprefix('torch.')}, density={p.density:.3f}"
         )
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table held as int8 codes with one float32 scale per row: a lookup dequantises only the rows
+    it needs (``scale[id] * codes[id]``, in ``dtype``). Its codes may be the very memory of an int8 LM head's
+    packed values (a tied table is then held once, at one byte a weight)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, padding_idx: int | None = None):
+        super().__init__()
+        if codes.dtype != torch.int8 or codes.dim() != 2 or tuple(scales.shape) != (codes.shape[0],):
+            raise ValueError("codes must be int8 [num, dim] and scales float32 [num]")
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.padding_idx = padding_idx
+        self.dtype = dtype
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.codes[ids].to(torch.float32) * self.scales[ids].unsqueeze(-1)).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows, dtype={str(self.dtype).removeprefix('torch.')}"
+
+
+def int8_head(model: nn.Module) -> dict:
+    """Hold the LM head as int8 codes with per-row scales on the sparse kernel (its threads, one byte a weight
+    plus a bit of mask), in place; a plain ``nn.Embedding`` tied to it becomes an :class:`Int8Embedding` over the
+    same codes, so the table is held once. Returns what it did (bytes before and after).
+
+    The head's weight must be on the CPU in float32 or bfloat16. An embedding of another class (one that scales
+    its output, as Gemma's does) keeps its own weight.
+    """
+    head = model.get_output_embeddings()
+    if isinstance(head, SparseLinear):
+        raise SecateursError("the LM head is already on the sparse kernel")
+    if not isinstance(head, nn.Linear):
+        raise SecateursError(f"the model's LM head is a {type(head).__name__}, not a Linear: cannot store it int8")
+    W = head.weight.detach()
+    if W.device.type != "cpu" or W.dtype not in kernels.DTYPES:
+        raise SecateursError(f"an int8 head needs a float32 or bfloat16 head on the CPU, not {W.dtype} {W.device}")
+    embedding = model.get_input_embeddings()
+    tied = embedding is not None and embedding.weight.data_ptr() == W.data_ptr()
+    before = W.numel() * W.element_size()
+    packed = kernels.pack(W.contiguous(), "int8")
+    sparse = SparseLinear(packed, head.bias)
+    model.set_output_embeddings(sparse)
+    out = {"head_bytes_before": before, "head_bytes_after": sparse.nbytes, "embedding": "separate"}
+    if tied and type(embedding) is nn.Embedding:
+        full = packed.nnz == W.numel()
+        if full:  # every weight stored: the packed values are the codes, row by row
+            codes = packed.values[: packed.nnz].view(W.shape)
+        else:
+            codes, _ = quantize_rows(W, stored_bits(W))
+        model.set_input_embeddings(Int8Embedding(codes, packed.scales, W.dtype, embedding.padding_idx))
+        out["embedding"] = "int8, shared with the head" if full else "int8"
+    elif tied:
+        out["embedding"] = f"kept ({type(embedding).__name__})"
+    log.info(
+        "LM head int8: %.1f MB -> %.1f MB; embedding %s",
+        before / 1e6,
+        sparse.nbytes / 1e6,
+        out["embedding"],
+    )
+    return out
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -165,6 +229,7 @@ def load_sparse(
     dtype: str | torch.dtype | None = None,
     min_sparsity: float | None = None,
     model: nn.Module | None = None,
+    head: str | None = None,
 ):
     """(model, tokenizer) ready for ``model.generate``, with the sparse linears running on the sparse kernel.
 
@@ -176,7 +241,10 @@ def load_sparse(
     A plain module's folder (``save_sparse(model, DIR)`` of a sparse-trained model) gives (model, None): the model
     is ``model`` (an instance of the saved class) or, for the models secateurs defines, one rebuilt from the
     folder's architecture record; its sparse Linears run on the kernel, convolutions are unpacked to dense.
+    ``head="int8"``: the LM head (and a plain embedding tied to it) held as int8 too, see :func:`int8_head`.
     """
+    if head not in (None, "int8"):
+        raise SecateursError(f"head must be int8 or None, not {head!r}")
     threshold = _threshold(min_sparsity)
     if threads is not None:
         kernels.set_num_threads(threads)
@@ -185,6 +253,8 @@ def load_sparse(
     if not loading.is_sparse_folder(folder):
         model, tokenizer, _ = load_model(str(folder), dtype or "auto")
         to_sparse_linears(model, threshold)
+        if head:
+            int8_head(model)
         return model, tokenizer
     model, packed, tokenizer = loading.read_sparse(folder, dtype)
     converted = 0
@@ -200,7 +270,10 @@ def load_sparse(
         _replace(model, name, SparseLinear(weight, getattr(module, "bias", None), p.transposed))
         converted += 1
     log.info("loaded %s: %d sparse linears, %d packed ones unpacked", folder, converted, len(packed) - converted)
-    return loading.check_loaded(model), tokenizer
+    model = loading.check_loaded(model)
+    if head:
+        int8_head(model)
+    return model, tokenizer
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from torch import nn
 
 from secateurs.measure import rss_bytes
 from secateurs.runtime import kernels
-from secateurs.runtime.linear import SparseLinear
+from secateurs.runtime.linear import Int8Embedding, SparseLinear
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -79,9 +79,15 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _packed_values(model: nn.Module) -> set:
+    """Addresses of the packed values of the model's SparseLinears (an int8 embedding may view them)."""
+    return {_address(m.packed.values) for m in model.modules() if isinstance(m, SparseLinear)}
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every tensor the model holds (tied ones once), packed weights included."""
-    total = sum(_nbytes(t) for t in _unique_tensors(model))
+    shared = _packed_values(model)
+    total = sum(_nbytes(t) for t in _unique_tensors(model) if _address(t) not in shared)
     return total + sum(m.nbytes for m in model.modules() if isinstance(m, SparseLinear))
 
 
@@ -89,13 +95,16 @@ def step_bytes(model: nn.Module) -> int:
     """Weight bytes one decode step reads: everything but the embedding tables (a row each) unless one is the LM
     head; packed weights as their values and mask (the padding is never read)."""
     output = model.get_output_embeddings()
-    head = output.weight if output is not None else None
+    head = getattr(output, "weight", None)
     skip = {
         _address(m.weight)
         for m in model.modules()
         if isinstance(m, nn.Embedding) and (head is None or _address(m.weight) != _address(head))
     }
-    total = sum(_nbytes(t) for t in _unique_tensors(model) if _address(t) not in skip)
+    for m in model.modules():
+        if isinstance(m, Int8Embedding):
+            skip |= {_address(m.codes), _address(m.scales)}
+    total = sum(_nbytes(t) for t in _unique_tensors(model) if _address(t) not in skip | _packed_values(model))
     return total + sum(m.packed.nbytes for m in model.modules() if isinstance(m, SparseLinear))
 
 

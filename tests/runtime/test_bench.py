@@ -170,6 +170,11 @@ def test_bench_of_int8_values_compares_with_dense_bf16(sparse_tiny_dir, tmp_path
     want /= sum(m.out_features * m.in_features for m in linears)
     assert result["sparse"]["linear_bytes_per_weight"] == pytest.approx(want) and 0.3 + 1 / 8 < want < 0.7
     assert result["dense"]["linear_bytes_per_weight"] == 2
+    code, out, err = run_main("bench", tmp_path / "i8", *args, "--json", "--head", "int8")
+    assert code == 0, err
+    with_head = json.loads(out)
+    assert with_head["sparse_head"] == "int8"
+    assert with_head["sparse"]["bytes_per_decode_step"] < result["sparse"]["bytes_per_decode_step"]
     code, out, err = run_main("bench", tmp_path / "i8", *args, "--json", "--dense-dtype", "float32")
     assert code == 0, err
     assert json.loads(out)["dense_dtype"] == "float32"

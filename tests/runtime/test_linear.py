@@ -223,3 +223,53 @@ def test_compress_values_int8_cli_and_errors(tmp_path, tiny_model_dir):
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     code, _, err = run_main("compress", tmp_path / "hf", "-o", tmp_path / "busy", "--values", "int8")
     assert code == 2 and "busy" in err and (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------- int8 LM head
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_int8_head(family):
+    """The head runs int8 on the kernel; a plain tied embedding becomes int8 rows over the very same codes (held
+    once); an embedding class of its own (Gemma's scaled one) keeps its weight; logits stay close."""
+    from secateurs.runtime.linear import Int8Embedding, int8_head
+
+    model = pruned_tiny(family)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+    W = model.get_output_embeddings().weight.detach().clone()
+    held, per_step = timing.weight_bytes(model), timing.step_bytes(model)
+    info = int8_head(model)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert isinstance(head, SparseLinear) and head.packed.dtype == torch.int8
+    scale = W.abs().amax(1, keepdim=True) / 127
+    err = (head.dense_weight() - W).abs()
+    assert bool(((err <= scale / 2 + 1e-7) | (W.abs() < scale / 2)).all())  # round to nearest (tiny ones to ±1)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, atol=0.02, rtol=0.02)
+    table = W.numel() * W.element_size()
+    if family == "gpt2":  # tied plain embedding: codes shared with the head's packed values
+        assert isinstance(embedding, Int8Embedding) and info["embedding"] == "int8, shared with the head"
+        assert embedding.codes.data_ptr() == head.packed.values.data_ptr()
+        ref = torch.nn.functional.embedding(ids, head.dense_weight())
+        torch.testing.assert_close(embedding(ids), ref, rtol=0, atol=0)
+        assert timing.weight_bytes(model) < held - 0.6 * table  # held once, 1 byte a weight + per-row overhead
+    elif family == "gemma3":
+        assert not isinstance(embedding, Int8Embedding) and info["embedding"].startswith("kept")
+    else:
+        assert info["embedding"] == "separate" and not isinstance(embedding, Int8Embedding)
+    assert timing.step_bytes(model) < per_step - 0.6 * table  # the head is read in int8 each step
+    with pytest.raises(SecateursError, match="already on the sparse kernel"):
+        int8_head(model)
+
+
+def test_load_sparse_with_int8_head(tmp_path):
+    model = pruned_tiny("gpt2")
+    save_sparse(model, None, tmp_path / "s", progress=False)
+    fast, _ = load_sparse(tmp_path / "s", head="int8")
+    assert fast.get_output_embeddings().packed.dtype == torch.int8
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, model(ids).logits, atol=0.02, rtol=0.02)
+    with pytest.raises(SecateursError, match="head must be int8"):
+        load_sparse(tmp_path / "s", head="int4")
