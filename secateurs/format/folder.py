@@ -71,10 +71,22 @@ class AtomicFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        follow_umask(self.tmp)
         if self.path.exists():
             shutil.rmtree(self.path)
         os.replace(self.tmp, self.path)
         return False
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open()`` would (0666 less the umask): some writers
+    (safetensors) create their files 0600, which would leave the weights of a saved model unreadable to the
+    group when the rest of the folder is not."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~mask)
 
 
 def folder_bytes(folder: str | Path) -> int:

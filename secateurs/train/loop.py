@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from secateurs.errors import SecateursError
+from secateurs.format.folder import follow_umask
 from secateurs.measure import PeakMemory, versions
 from secateurs.oneshot.recipe import dumps, loads
 from secateurs.oneshot.select import check_sparsity, parse_nm
@@ -279,11 +280,18 @@ def evaluate(model: nn.Module, data, device: torch.device) -> dict:
 
 
 # ---- output folder and checkpoints
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, write) -> None:
     """``write(tmp)`` then rename ``tmp`` to ``path``: a reader never sees half a file."""
     tmp = path.parent / f".{path.name}.partial-{secrets.token_hex(4)}"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -382,6 +390,7 @@ def _publish(output: Path, files: dict) -> None:
     try:
         for name, write in files.items():
             write(tmp / name)
+        follow_umask(tmp)
         names = sorted((p.name for p in tmp.iterdir() if p.is_file()), key=lambda n: n == "metrics.json")
         for name in names:
             os.replace(tmp / name, output / name)

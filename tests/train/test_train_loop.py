@@ -160,3 +160,16 @@ def test_sparse_save_format_runs_on_the_kernel(tmp_path):
     assert accuracy == pytest.approx(metrics["final"]["accuracy"], abs=1e-6)  # the kernel gives the same answers
     with pytest.raises(SecateursError, match="unknown save format"):
         train(c, save_format="pickle", progress=False)
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        train(config(epochs=1), tmp_path / "run", progress=False, plots=False)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "checkpoint.safetensors", "checkpoint.pt", "metrics.json"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
