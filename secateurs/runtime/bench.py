@@ -2,7 +2,7 @@
 
 Both models have the same weights, dtype and threads. Measured, dense and sparse interleaved, median of repeats:
 
-- **decode**: N greedy steps with the KV cache after the prompt (a loop over ``model(token, past_key_values)``),
+- **decode**: N greedy steps with the KV cache after the prompt (a loop over ``model(token, cache=...)``),
   the N - 1 steps after the prefill timed, (N - 1) · batch tokens over their time; the tokens of ``generate``
   (``min_new_tokens = max_new_tokens``, no sampling) of both models are compared;
 - **prefill**: one forward pass over batch × prompt-len tokens;

@@ -4,6 +4,7 @@ decode step, greedy decoding timed step by step, and per-shape kernel-versus-den
 from __future__ import annotations
 
 import gc
+import inspect
 import statistics
 import time
 
@@ -140,10 +141,22 @@ def generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tens
     return out[:, ids.shape[1] :]
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` (transformers 5.24 and later; the older
+    ``past_key_values`` is deprecated there) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    """The KV cache a forward returned, under either name (without touching a deprecated attribute)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def decode_loop(model: nn.Module, ids: torch.Tensor, tokens: int, device=None) -> tuple[float, torch.Tensor]:
     """Greedy decoding by hand with the KV cache: (seconds of the ``tokens - 1`` steps after the prefill, the
     ``tokens`` new tokens). Timing the steps alone needs no subtraction, so it stays exact for short runs."""
     device = device or ids.device
+    cache = _cache_argument(model)
     with torch.inference_mode():
         out = model(ids, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
@@ -151,7 +164,7 @@ def decode_loop(model: nn.Module, ids: torch.Tensor, tokens: int, device=None) -
         sync(device)
         start = time.perf_counter()
         for _ in range(tokens - 1):
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(token, **{cache: _cache_of(out)}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             new.append(token)
         sync(device)
