@@ -11,13 +11,15 @@ W is [out, in], the matrix the layer multiplies with (y = x @ W.T); GPT-2's Conv
 [in, out], which the metadata records; a convolution's weight [out, in, *kernel] is packed as the matrix
 [out, in * prod(kernel)] with its full shape recorded as ``view``. A weight is stored iff its bit pattern is
 non-zero, so -0.0 survives and loading gives bit-identical weights. The safetensors metadata names the format
-and version and describes every packed tensor (shape as the model holds it, dtype, nnz, orientation) and every
-tied name, so nothing depends on the reader's guesswork. Reading validates all of it and raises one clear
-:class:`SecateursError` otherwise.
+and version and describes every packed tensor (shape as the model holds it, dtype, nnz, orientation, and the
+SHA-256 of its parts, checked on load: about 0.4 s for the 340 MB of SmolLM2 at 50% on 2 cores; files written
+before it have none and load as before) and every tied name, so nothing depends on the reader's guesswork.
+Reading validates all of it and raises one clear :class:`SecateursError` otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -110,13 +112,24 @@ class PackedTensor:
             return W.reshape(self.view)
         return W.t().contiguous() if self.transposed else W
 
+    def digest(self) -> str:
+        """SHA-256 of the mask, values (and scales) bytes: stored in the metadata, checked on load, so a damaged
+        or tampered packed tensor is found even when its parts still agree with each other."""
+        h = hashlib.sha256()
+        for t in (self.mask, self.values, self.scales):
+            if t is not None and t.numel():
+                h.update(t.detach().contiguous().view(torch.uint8).numpy())
+        return h.hexdigest()
+
     def entry(self) -> dict:
-        """Its metadata: the matrix's shape as the model holds it, orientation, dtype and nnz (and the view)."""
+        """Its metadata: the matrix's shape as the model holds it, orientation, dtype, nnz and checksum (and the
+        view)."""
         entry = {
             "shape": list(self.shape[::-1] if self.transposed else self.shape),
             "transposed": self.transposed,
             "dtype": dtype_name(self.values.dtype),
             "nnz": self.nnz,
+            "sha256": self.digest(),
         }
         if self.view is not None:
             entry["view"] = list(self.view)
@@ -227,6 +240,11 @@ def _check_entry(key: str, entry, path: Path) -> tuple[tuple[int, int], bool, to
         or not 0 <= nnz <= shape[0] * shape[1]
     ):
         raise bad
+    digest = entry.get("sha256")
+    if digest is not None and not (
+        isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    ):
+        raise bad
     view = entry.get("view")
     if view is not None:
         if (
@@ -294,6 +312,11 @@ def read_tensors(
                     if not bool(torch.isfinite(scales).all()):
                         raise SecateursError(f"{path}: {key}.scales holds a value that is not finite")
                 packed[key] = PackedTensor(mask, values, (rows, cols), transposed, view, scales)
+                digest = entry.get("sha256")
+                if digest is not None and digest != packed[key].digest():
+                    raise SecateursError(
+                        f"{path}: {key} does not match its checksum (the file is damaged or was altered)"
+                    )
             packed_parts = {f"{k}.{part}" for k in header.packed for part in ("mask", "values", "scales")}
             for key in header.keys:
                 if key in packed_parts:

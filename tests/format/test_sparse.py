@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import struct
 
 import pytest
 import torch
@@ -38,14 +40,21 @@ def test_version_1_file_layout_without_a_model(tmp_path):
     assert stored["a.weight.mask"].tolist() == [[0b00001010, 0b1], [0, 0], [0xFF, 0b1]]
     assert bits(stored["a.weight.values"]).tolist() == bits(torch.tensor([1.5, -0.0, 2.0] + [3.0] * 9)).tolist()
     assert stored["c.weight.mask"].tolist() == [[0b101], [0b010]] and stored["c.weight.values"].tolist() == [1, 4, -2]
+
+    def sha(name):  # SHA-256 of the mask's bytes, then the values' bytes (little-endian float32)
+        mask, values = stored[f"{name}.weight.mask"], stored[f"{name}.weight.values"]
+        return hashlib.sha256(
+            bytes(mask.flatten().tolist()) + struct.pack(f"<{values.numel()}f", *values.tolist())
+        ).hexdigest()
+
     assert metadata == {
         "format": "secateurs-sparse",
         "format_version": "1",
         "dtype": "float32",
         "packed": json.dumps(
             {
-                "a.weight": {"dtype": "float32", "nnz": 12, "shape": [3, 9], "transposed": False},
-                "c.weight": {"dtype": "float32", "nnz": 3, "shape": [3, 2], "transposed": True},
+                "a.weight": {"dtype": "float32", "nnz": 12, "shape": [3, 9], "transposed": False, "sha256": sha("a")},
+                "c.weight": {"dtype": "float32", "nnz": 3, "shape": [3, 2], "transposed": True, "sha256": sha("c")},
             },
             sort_keys=True,
         ),
@@ -151,7 +160,26 @@ BAD = {
     "missing tensor": (lambda t, m: t.pop("transformer.ln_f.weight"), "lacks tensors the model needs"),
     "dense shape": (lambda t, m: t.update({"transformer.ln_f.bias": torch.zeros(3)}), "ln_f.bias is shape [3]"),
     "alias": (lambda t, m: m.update(aliases=json.dumps({"lm_head.weight": "nowhere"})), "bad tied tensor"),
+    # parts that still agree with each other (same popcount, same count of values), found by the checksum
+    "mask bytes reordered": (lambda t, m: _reorder_mask(t[f"{KEY}.mask"]), "does not match its checksum"),
+    "values swapped": (
+        lambda t, m: t[f"{KEY}.values"].__setitem__(slice(0, 2), t[f"{KEY}.values"][[1, 0]]),
+        "checksum",
+    ),
+    "checksum": (lambda t, m: _packed(m, lambda p: p[KEY].update(sha256="xyz")), "malformed metadata"),
 }
+
+
+def _reorder_mask(mask):
+    """Swap two bytes of a row that differ but have the same number of set bits."""
+    row = mask[0]
+    for i in range(len(row)):
+        for j in range(i + 1, len(row)):
+            a, b = int(row[i]), int(row[j])
+            if a != b and a.bit_count() == b.bit_count():
+                row[i], row[j] = b, a
+                return
+    raise AssertionError("no two bytes to swap")
 
 
 @pytest.mark.parametrize("case", list(BAD))
