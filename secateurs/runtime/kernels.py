@@ -21,6 +21,7 @@ when it was built, and a pure-torch reference (dense reconstruction, then ``F.li
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -209,6 +210,10 @@ def _checked_isa(name: str) -> str:
 
 _isa = supported_isas()[0]
 _threads: int | None = None
+# From how many rows of x the tiled path (decompress + dense matmul) beats the bitmask kernel, by value dtype:
+# measured on SmolLM2's 1536 x 576 at 70% on 2 cores (AVX-512): a bf16 dense matmul is fast enough to win early.
+PREFILL_ROWS = {torch.float32: 128, torch.int8: 128, torch.bfloat16: 32}
+_prefill_rows: int | None = None
 
 
 def set_isa(name: str | None) -> None:
@@ -232,6 +237,20 @@ def set_num_threads(n: int | None) -> None:
 
 def num_threads() -> int:
     return _threads if _threads is not None else torch.get_num_threads()
+
+
+def set_prefill_rows(n: int | None) -> None:
+    """From how many rows of ``x`` (tokens) :func:`spmm` decompresses the weight tile by tile and multiplies each
+    tile with the dense matmul; None: the defaults of :data:`PREFILL_ROWS` by value dtype; a huge number: never."""
+    global _prefill_rows
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"prefill rows must be a positive integer or None, got {n!r}")
+    _prefill_rows = n
+
+
+def prefill_rows(dtype: torch.dtype = torch.float32) -> int:
+    """The row count from which :func:`spmm` takes the tiled path for values of ``dtype``."""
+    return _prefill_rows if _prefill_rows is not None else PREFILL_ROWS[dtype]
 
 
 if os.environ.get(ISA_ENV):
@@ -261,10 +280,70 @@ def spmm_reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None =
     return y.to(x.dtype)
 
 
+TILE_ELEMENTS = 1 << 22  # weights per decompressed tile (16 MB in fp32): a whole linear of a small model is one
+
+
+def unpack_rows(p: PackedWeight, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of the weight, dense ``[r1 - r0, in]``: float32 (int8 codes times their scales) or, for
+    bfloat16 values, bfloat16; written into ``out`` when given (contiguous, of that dtype and size). Uses the
+    compiled kernel's SIMD decompression when it is built, :func:`unpack` otherwise."""
+    rows, cols = r1 - r0, p.shape[1]
+    dtype = torch.bfloat16 if p.values.dtype == torch.bfloat16 else torch.float32
+    if not 0 <= r0 <= r1 <= p.shape[0]:
+        raise ValueError(f"rows [{r0}, {r1}) are not within the weight's {p.shape[0]}")
+    if out is None:
+        out = torch.empty(rows, cols, dtype=dtype)
+    elif out.dtype != dtype or not out.is_contiguous() or out.numel() != rows * cols:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {rows * cols} elements")
+    if _isa == "torch" or rows == 0 or cols == 0:
+        out.view(rows, cols).copy_(unpack(p)[r0:r1])
+    else:
+        _native.unpack(*p._args[:6], p._scales_ptr, r0, r1, out.data_ptr(), _ISA_CODE[_isa])
+    return out.view(rows, cols)
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer of at least ``n`` elements kept per thread (a fresh one every call would page-fault its memory
+    in each time: that alone costs as much as decompressing into it)."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = buffers[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+def _spmm_tiled(x2: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2 @ W.T (+ bias)`` for many rows of x: W decompressed a tile of rows at a time into one scratch buffer,
+    each tile multiplied by the dense matmul (prefill: the bitmask kernel is compute-bound there)."""
+    out, cols = p.shape
+    dtype = torch.bfloat16 if p.values.dtype == torch.bfloat16 else torch.float32
+    xc = x2 if x2.dtype == dtype else x2.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    rows = max(1, min(out, TILE_ELEMENTS // cols))
+    buffer = _scratch_buffer(rows * cols, dtype)
+    if rows == out:  # one tile: the product lands in place
+        y = F.linear(xc, unpack_rows(p, 0, out, buffer), b)
+        return y if y.dtype == x2.dtype else y.to(x2.dtype)
+    y = torch.empty(xc.shape[0], out, dtype=dtype)
+    for r0 in range(0, out, rows):
+        r1 = min(out, r0 + rows)
+        tile = unpack_rows(p, r0, r1, buffer[: (r1 - r0) * cols])
+        y[:, r0:r1] = F.linear(xc, tile, None if b is None else b[r0:r1])
+    return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
+
 def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the packed weight; x ``[..., in]`` float32/bfloat16, result in x's dtype.
 
-    Accumulates in fp32 whatever the dtypes of x and the values. CPU only.
+    Decode-sized x (fewer rows than :func:`prefill_rows`) runs the bitmask kernel, which accumulates in fp32
+    whatever the dtypes of x and the values; longer x (prefill) decompresses the weight tile by tile and uses the
+    dense matmul on each tile, in the values' precision (bfloat16 values: a bfloat16 matmul, as the dense model).
+    CPU only.
     """
     _check_spmm(x, p, bias)
     out, cols = p.shape
@@ -279,6 +358,9 @@ def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> 
         stride = x2.stride(0) if x2.shape[0] > 1 else cols
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
+    rows = x.numel() // cols
+    if rows >= (_prefill_rows if _prefill_rows is not None else PREFILL_ROWS[p.values.dtype]):
+        return _spmm_tiled(x2.reshape(rows, cols), p, bias).reshape(*x.shape[:-1], out)
     y = torch.empty((*x.shape[:-1], out), dtype=x.dtype)
     _native.spmm(
         *p._args,

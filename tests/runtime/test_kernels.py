@@ -26,6 +26,7 @@ def _restore_kernel_settings():
     yield
     kernels.set_isa(None)
     kernels.set_num_threads(None)
+    kernels.set_prefill_rows(None)
 
 
 def sparse_weight(out: int, cols: int, sparsity: float, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -347,3 +348,59 @@ def test_int8_from_parts_checks_scales():
         kernels.from_parts(mask, values.float(), (6, 13), p.scales)
     with pytest.raises(ValueError, match="values must be int8"):
         kernels.pack(sparse_weight(6, 13, 0.5), "int4")
+
+
+# ------------------------------------------------------------------------------------- tiled prefill path
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])
+def test_unpack_rows_equals_unpack(isa, values):
+    kernels.set_isa(isa)
+    for cols in (1, 7, 8, 15, 16, 17, 33, 130):
+        weight = sparse_weight(13, cols, 0.6, torch.bfloat16 if values == "bfloat16" else torch.float32, seed=cols)
+        p = kernels.pack(weight, "int8" if values == "int8" else None)
+        whole = kernels.unpack(p)
+        for r0, r1 in ((0, 13), (2, 9), (5, 5), (12, 13)):
+            part = kernels.unpack_rows(p, r0, r1)
+            assert part.shape == (r1 - r0, cols) and same_bits(part, whole[r0:r1].to(part.dtype))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])
+def test_tiled_prefill_matches_truth(isa, values, monkeypatch):
+    """Many rows of x take the tiled path (decompress a tile of rows, dense matmul): several tiles, a partial last
+    one, leading dims and a bias, against float64 truth of the weight it holds."""
+    kernels.set_isa(isa)
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 7 * 40)  # 7 rows a tile: 3 tiles of 7 and one of 1
+    dtype = torch.bfloat16 if values == "bfloat16" else torch.float32
+    weight = sparse_weight(22, 40, 0.7, dtype)
+    p = kernels.pack(weight, "int8" if values == "int8" else None)
+    held = kernels.unpack(p)
+    bias = torch.randn(22).to(dtype)
+    for xdtype in DTYPES:
+        x = torch.randn(3, 50, 40).to(xdtype)
+        kernels.set_prefill_rows(10**9)
+        small = kernels.spmm(x[:, :1], p, bias)  # the kernel
+        kernels.set_prefill_rows(8)
+        y = kernels.spmm(x, p, bias)  # 150 rows: tiled
+        assert y.shape == (3, 50, 22) and y.dtype == xdtype
+        truth_x = x.reshape(-1, 40)
+        if dtype == torch.bfloat16 or xdtype == torch.bfloat16:  # a bf16 matmul: x and W rounded to bf16
+            w = held.to(torch.bfloat16) if dtype == torch.bfloat16 else held
+            truth = truth_x.to(w.dtype).double() @ w.double().T + bias.double()
+            assert torch.allclose(y.reshape(-1, 22).double(), truth, rtol=2e-2, atol=2e-2)
+        else:
+            assert_close_to_truth(y.reshape(-1, 22), truth_x, held, bias)
+        torch.testing.assert_close(y[:, :1].float(), small.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_prefill_rows_setting():
+    assert kernels.prefill_rows(torch.bfloat16) == kernels.PREFILL_ROWS[torch.bfloat16]
+    kernels.set_prefill_rows(5)
+    assert kernels.prefill_rows(torch.float32) == kernels.prefill_rows(torch.int8) == 5
+    with pytest.raises(ValueError, match="positive integer"):
+        kernels.set_prefill_rows(0)
+    kernels.set_prefill_rows(None)
+    assert kernels.prefill_rows() == kernels.PREFILL_ROWS[torch.float32]
+    p = kernels.pack(sparse_weight(4, 8, 0.5))
+    with pytest.raises(ValueError, match="not within"):
+        kernels.unpack_rows(p, 2, 9)

@@ -32,4 +32,11 @@ void rows_scalar(const Problem& p, int64_t r0, int64_t r1);
 void rows_avx2(const Problem& p, int64_t r0, int64_t r1);
 void rows_avx512(const Problem& p, int64_t r0, int64_t r1);
 
+// Decompress rows [r0, r1) of the packed weight into dst, dense and row-major with p.in columns: float32
+// (float32 or int8 values, the scale applied) or, for bfloat16 values, bfloat16 (their exact bits). For prefill,
+// where a dense matrix multiplication of the decompressed tile beats the bitmask kernel.
+void unpack_scalar(const Problem& p, int64_t r0, int64_t r1, void* dst);
+void unpack_avx2(const Problem& p, int64_t r0, int64_t r1, void* dst);
+void unpack_avx512(const Problem& p, int64_t r0, int64_t r1, void* dst);
+
 }  // namespace secateurs

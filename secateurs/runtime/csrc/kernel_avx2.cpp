@@ -127,7 +127,53 @@ void all_rows(const Problem& p, int64_t r0, int64_t r1) {
     for (; o < r1; ++o) tokens<1, VT>(p, o);
 }
 
+template <int VT>
+void unpack_rows(const Problem& p, int64_t r0, int64_t r1, void* dst) {
+    const int64_t full = p.in >> 3;
+    const int rem = static_cast<int>(p.in & 7);
+    for (int64_t o = r0; o < r1; ++o) {
+        const uint8_t* row = p.mask + o * p.mask_stride;
+        int64_t pos = p.row_offsets[o];
+        const __m256 scale = _mm256_set1_ps(VT == kI8 ? p.scales[o] : 1.0f);
+        for (int64_t c = 0; c < full; ++c) {
+            const uint32_t byte = row[c];
+            __m256 w = expand8<VT>(p.values, pos, byte);
+            pos += __builtin_popcount(byte);
+            if (VT == kBF16) {  // the exact 16-bit patterns: the high halves of the widened lanes
+                const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(w), 16);
+                const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + (o - r0) * p.in + c * 8), packed);
+            } else {
+                if (VT == kI8) w = _mm256_mul_ps(w, scale);
+                _mm256_storeu_ps(static_cast<float*>(dst) + (o - r0) * p.in + c * 8, w);
+            }
+        }
+        if (rem) {  // the last few columns, one at a time
+            alignas(32) float lanes[8];
+            _mm256_store_ps(lanes, expand8<VT>(p.values, pos, row[full]));
+            for (int j = 0; j < rem; ++j) {
+                float v = lanes[j];
+                if (VT == kBF16) {
+                    uint32_t u;
+                    memcpy(&u, &v, sizeof u);
+                    static_cast<uint16_t*>(dst)[(o - r0) * p.in + full * 8 + j] = static_cast<uint16_t>(u >> 16);
+                } else {
+                    static_cast<float*>(dst)[(o - r0) * p.in + full * 8 + j] = VT == kI8 ? v * p.scales[o] : v;
+                }
+            }
+        }
+    }
+}
+
 }  // namespace
+
+void unpack_avx2(const Problem& p, int64_t r0, int64_t r1, void* dst) {
+    switch (p.values_type) {
+        case kBF16: unpack_rows<kBF16>(p, r0, r1, dst); break;
+        case kI8: unpack_rows<kI8>(p, r0, r1, dst); break;
+        default: unpack_rows<kF32>(p, r0, r1, dst); break;
+    }
+}
 
 void rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
     switch (p.values_type) {
@@ -149,5 +195,6 @@ void rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
 #include "kernel.h"
 namespace secateurs {
 void rows_avx2(const Problem&, int64_t, int64_t) {}
+void unpack_avx2(const Problem&, int64_t, int64_t, void*) {}
 }  // namespace secateurs
 #endif

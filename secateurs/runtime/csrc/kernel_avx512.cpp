@@ -132,7 +132,48 @@ void all_rows(const Problem& p, int64_t r0, int64_t r1) {
     for (; o < r1; ++o) tokens<1, VT>(p, o);
 }
 
+template <int VT>
+void unpack_rows(const Problem& p, int64_t r0, int64_t r1, void* dst) {
+    const int64_t full = p.in >> 4;
+    const int rem = static_cast<int>(p.in & 15);
+    for (int64_t o = r0; o < r1; ++o) {
+        const uint8_t* row = p.mask + o * p.mask_stride;
+        int64_t pos = p.row_offsets[o];
+        const __m512 scale = _mm512_set1_ps(VT == kI8 ? p.scales[o] : 1.0f);
+        for (int64_t c = 0; c <= full; ++c) {
+            uint32_t bits;
+            __mmask16 lanes = 0xFFFF;
+            if (c < full) {
+                bits = bits16(row + 2 * c);
+            } else {
+                if (!rem) break;
+                bits = row[2 * full];
+                if (rem > 8) bits |= static_cast<uint32_t>(row[2 * full + 1]) << 8;
+                lanes = static_cast<__mmask16>((1u << rem) - 1);
+            }
+            __m512 w = expand16<VT>(p.values, pos, static_cast<__mmask16>(bits));
+            pos += __builtin_popcount(bits);
+            if (VT == kBF16) {  // back to the exact 16-bit patterns
+                const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w), 16));
+                uint16_t* out = static_cast<uint16_t*>(dst) + (o - r0) * p.in + c * 16;
+                _mm256_mask_storeu_epi16(out, lanes, h);
+            } else {
+                if (VT == kI8) w = _mm512_mul_ps(w, scale);
+                _mm512_mask_storeu_ps(static_cast<float*>(dst) + (o - r0) * p.in + c * 16, lanes, w);
+            }
+        }
+    }
+}
+
 }  // namespace
+
+void unpack_avx512(const Problem& p, int64_t r0, int64_t r1, void* dst) {
+    switch (p.values_type) {
+        case kBF16: unpack_rows<kBF16>(p, r0, r1, dst); break;
+        case kI8: unpack_rows<kI8>(p, r0, r1, dst); break;
+        default: unpack_rows<kF32>(p, r0, r1, dst); break;
+    }
+}
 
 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
     switch (p.values_type) {
@@ -154,5 +195,6 @@ void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
 #include "kernel.h"
 namespace secateurs {
 void rows_avx512(const Problem&, int64_t, int64_t) {}
+void unpack_avx512(const Problem&, int64_t, int64_t, void*) {}
 }  // namespace secateurs
 #endif

@@ -42,4 +42,25 @@ void rows_scalar(const Problem& p, int64_t r0, int64_t r1) {
     }
 }
 
+void unpack_scalar(const Problem& p, int64_t r0, int64_t r1, void* dst) {
+    for (int64_t o = r0; o < r1; ++o) {
+        const uint8_t* row = p.mask + o * p.mask_stride;
+        int64_t pos = p.row_offsets[o];
+        if (p.values_type == kBF16) {
+            uint16_t* out = static_cast<uint16_t*>(dst) + (o - r0) * p.in;
+            memset(out, 0, sizeof(uint16_t) * p.in);
+            const uint16_t* v = static_cast<const uint16_t*>(p.values);
+            for (int64_t byte = 0; byte < p.mask_stride; ++byte)
+                for (unsigned bits = row[byte]; bits; bits &= bits - 1) out[byte * 8 + __builtin_ctz(bits)] = v[pos++];
+        } else {
+            float* out = static_cast<float*>(dst) + (o - r0) * p.in;
+            memset(out, 0, sizeof(float) * p.in);
+            const float scale = p.scales ? p.scales[o] : 1.0f;
+            for (int64_t byte = 0; byte < p.mask_stride; ++byte)
+                for (unsigned bits = row[byte]; bits; bits &= bits - 1)
+                    out[byte * 8 + __builtin_ctz(bits)] = value_at(p, pos++) * scale;
+        }
+    }
+}
+
 }  // namespace secateurs

@@ -351,6 +351,51 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
+PyObject* py_unpack(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+    // mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "unpack takes 11 integer arguments, got %zd", nargs);
+        return nullptr;
+    }
+    const void *mask, *values, *offsets, *scales, *dst;
+    int values_dtype, isa;
+    int64_t out, in, r0, r1;
+    if (!ptr_arg(args[0], &mask) || !ptr_arg(args[1], &values) || !arg(args[2], &values_dtype) ||
+        !ptr_arg(args[3], &offsets) || !arg(args[4], &out) || !arg(args[5], &in) || !ptr_arg(args[6], &scales) ||
+        !arg(args[7], &r0) || !arg(args[8], &r1) || !ptr_arg(args[9], &dst) || !arg(args[10], &isa))
+        return nullptr;
+    if (values_dtype < kF32 || values_dtype > kI8 || (values_dtype == kI8) != (scales != nullptr)) {
+        PyErr_SetString(PyExc_ValueError, "bad values dtype code or scales");
+        return nullptr;
+    }
+    if (isa < kScalar || isa > kAvx512 || (isa == kAvx2 && !(kFeatures & 1)) || (isa == kAvx512 && !(kFeatures & 2))) {
+        PyErr_Format(PyExc_ValueError, "ISA code %d is not supported by this CPU", isa);
+        return nullptr;
+    }
+    if (out < 0 || in < 0 || r0 < 0 || r1 < r0 || r1 > out) {
+        PyErr_SetString(PyExc_ValueError, "bad sizes");
+        return nullptr;
+    }
+    Problem p{};
+    p.mask = static_cast<const uint8_t*>(mask);
+    p.mask_stride = (in + 7) / 8;
+    p.values = values;
+    p.values_type = values_dtype;
+    p.scales = static_cast<const float*>(scales);
+    p.row_offsets = static_cast<const int64_t*>(offsets);
+    p.out = out;
+    p.in = in;
+    void* target = const_cast<void*>(dst);
+    Py_BEGIN_ALLOW_THREADS
+    switch (isa) {
+        case kAvx512: unpack_avx512(p, r0, r1, target); break;
+        case kAvx2: unpack_avx2(p, r0, r1, target); break;
+        default: unpack_scalar(p, r0, r1, target); break;
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 PyObject* py_cpu_features(PyObject*, PyObject*) { return PyLong_FromLong(kFeatures); }
 
 PyObject* py_set_spin_us(PyObject*, PyObject* arg) {
@@ -373,6 +418,9 @@ PyMethodDef kMethods[] = {
      "spmm(mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, "
      "threads, scales): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, codes); "
      "values_dtype 2 (int8) takes per-row float32 scales, else scales is 0."},
+    {"unpack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_unpack)), METH_FASTCALL,
+     "unpack(mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa): rows [r0, r1) of a packed "
+     "weight written dense into dst (float32; bfloat16 for bfloat16 values)."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Bit 0: AVX2+FMA; bit 1: AVX-512 F/BW/VL/DQ/VBMI2."},
     {"set_spin_us", py_set_spin_us, METH_O, "How long idle workers spin (microseconds) before they sleep."},
     {"spin_us", py_spin_us, METH_NOARGS, "How long idle workers spin (microseconds) before they sleep."},
