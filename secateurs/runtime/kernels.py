@@ -319,21 +319,27 @@ def _scratch_buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _spmm_tiled(x2: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x2 @ W.T (+ bias)`` for many rows of x: W decompressed a tile of rows at a time into one scratch buffer,
-    each tile multiplied by the dense matmul (prefill: the bitmask kernel is compute-bound there)."""
+    each tile multiplied by the dense matmul (prefill: the bitmask kernel is compute-bound there). bfloat16 values
+    with bfloat16 x multiply in bfloat16, as the dense model does; anything else in float32."""
     out, cols = p.shape
-    dtype = torch.bfloat16 if p.values.dtype == torch.bfloat16 else torch.float32
+    stored = torch.bfloat16 if p.values.dtype == torch.bfloat16 else torch.float32
+    dtype = torch.bfloat16 if stored == torch.bfloat16 and x2.dtype == torch.bfloat16 else torch.float32
     xc = x2 if x2.dtype == dtype else x2.to(dtype)
     b = None if bias is None else bias.to(dtype)
     rows = max(1, min(out, TILE_ELEMENTS // cols))
-    buffer = _scratch_buffer(rows * cols, dtype)
+    buffer = _scratch_buffer(rows * cols, stored)
+
+    def tile(r0: int, r1: int) -> torch.Tensor:
+        t = unpack_rows(p, r0, r1, buffer[: (r1 - r0) * cols])
+        return t if t.dtype == dtype else t.to(dtype)
+
     if rows == out:  # one tile: the product lands in place
-        y = F.linear(xc, unpack_rows(p, 0, out, buffer), b)
+        y = F.linear(xc, tile(0, out), b)
         return y if y.dtype == x2.dtype else y.to(x2.dtype)
     y = torch.empty(xc.shape[0], out, dtype=dtype)
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
-        tile = unpack_rows(p, r0, r1, buffer[: (r1 - r0) * cols])
-        y[:, r0:r1] = F.linear(xc, tile, None if b is None else b[r0:r1])
+        y[:, r0:r1] = F.linear(xc, tile(r0, r1), None if b is None else b[r0:r1])
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
 

@@ -384,11 +384,10 @@ def test_tiled_prefill_matches_truth(isa, values, monkeypatch):
         y = kernels.spmm(x, p, bias)  # 150 rows: tiled
         assert y.shape == (3, 50, 22) and y.dtype == xdtype
         truth_x = x.reshape(-1, 40)
-        if dtype == torch.bfloat16 or xdtype == torch.bfloat16:  # a bf16 matmul: x and W rounded to bf16
-            w = held.to(torch.bfloat16) if dtype == torch.bfloat16 else held
-            truth = truth_x.to(w.dtype).double() @ w.double().T + bias.double()
+        if dtype == torch.bfloat16 and xdtype == torch.bfloat16:  # a bf16 matmul, as the dense bf16 model's
+            truth = truth_x.double() @ held.double().T + bias.double()
             assert torch.allclose(y.reshape(-1, 22).double(), truth, rtol=2e-2, atol=2e-2)
-        else:
+        else:  # in fp32, as the kernel
             assert_close_to_truth(y.reshape(-1, 22), truth_x, held, bias)
         torch.testing.assert_close(y[:, :1].float(), small.float(), rtol=2e-2, atol=2e-2)
 
