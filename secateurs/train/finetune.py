@@ -347,13 +347,6 @@ def finetune(
     windows = training_windows(source, tokenizer, steps * batch_size, seqlen, seed)
     linears = decoder_linears(model)
     masked = {name: linears[name] for name in masks}
-    if not lora:
-        odd = [name for name, m in masked.items() if not isinstance(m, nn.Linear)]
-        if odd:
-            raise SecateursError(
-                f"full fine-tuning keeps masks on nn.Linear modules only; {odd[0]} is a {type(masked[odd[0]]).__name__}"
-                " (use --lora)"
-            )
     model.to(dev)
     before_zeros = _zeros(masked, nm)
     before = (
@@ -372,7 +365,9 @@ def finetune(
     trainable = sum(p.numel() for p in params)
     optimizer = _adamw(params, lr, weight_decay)
     if not lora:
-        sparse = SparseTraining(model, optimizer, masks=masks, targets=list(masked), sparsity=0.0)
+        # masks are [out, in]; a GPT-2 Conv1D holds its weight as [in, out]
+        held = {n: m if isinstance(masked[n], nn.Linear) else m.t() for n, m in masks.items()}
+        sparse = SparseTraining(model, optimizer, masks=held, targets=list(masked), sparsity=0.0)
     warmup = max(1, steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_at(s, steps, warmup))
 

@@ -32,7 +32,18 @@ from secateurs.train.registry import method_from
 
 log = logging.getLogger("secateurs")
 
-SPARSE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+
+def _conv1d_type() -> tuple:
+    """GPT-2's Conv1D (a Linear that keeps its weight as [in, out]), when transformers is there."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return ()
+    return (Conv1D,)
+
+
+CONV1D = _conv1d_type()
+SPARSE_TYPES = (nn.Linear, nn.modules.conv._ConvNd, *CONV1D)
 DISTRIBUTIONS = ("uniform", "erk")
 STATE_VERSION = 1
 
@@ -150,6 +161,11 @@ class SparseTraining:
                 raise SecateursError(f"masks= needs a method that keeps single weights, not {self.method.name}")
         if self.nm is not None:
             for name, module in self.layers.items():
+                if isinstance(module, CONV1D):
+                    raise SecateursError(
+                        f"N:M patterns run along a weight's inputs, which GPT-2's Conv1D keeps as its first axis: "
+                        f"{name} (leave it out with exclude=)"
+                    )
                 if module.weight.dim() < 2 or module.weight.shape[1] % self.nm.m:
                     raise SecateursError(
                         f"N:M pattern {self.nm} needs input widths divisible by {self.nm.m}: {name} has "

@@ -57,12 +57,14 @@ def saved_weights(folder) -> dict[str, torch.Tensor]:
     return {k.removesuffix(".weight"): v.detach() for k, v in model.state_dict().items()}
 
 
-def assert_same_sparsity(pruned, tuned, masks, nm: int | None = None) -> None:
+def assert_same_sparsity(pruned, tuned, masks, nm: int | None = None, transposed: bool = False) -> None:
     """Every pruned position zero in ``tuned``, every row's zero count (and N:M group's) as in ``pruned``."""
     before, after = saved_weights(pruned), saved_weights(tuned)
     changed = 0
     for name, mask in masks.items():
         W0, W1 = before[name], after[name]
+        if transposed:  # GPT-2's Conv1D stores [in, out]
+            W0, W1 = W0.t(), W1.t()
         assert torch.all(W1[mask] == 0), name
         assert torch.equal((W0 == 0).sum(1), (W1 == 0).sum(1)), name
         if nm:
@@ -211,3 +213,25 @@ def test_a_copied_folder_without_report_but_with_masks_is_accepted(pruned_dir, t
     (copy / "report.json").unlink()
     _, _, report = finetune(copy, data=str(text_file), steps=2, seqlen=32, eval_source="none", progress=False)
     assert report["recipe"] is None and report["sparsity"]["pruned_zero"]
+
+
+def test_full_finetune_of_gpt2_conv1d_keeps_masks(tiny_gpt2_dir, text_file, tmp_path):
+    """GPT-2 keeps its linears as Conv1D ([in, out]): the [out, in] masks are held transposed while training."""
+    pruned = _prune(tiny_gpt2_dir, text_file, tmp_path / "gpt2", "--sparsity", "0.5")
+    out = tmp_path / "gpt2-tuned"
+    _, _, report = finetune(
+        pruned, data=str(text_file), steps=6, seqlen=32, lr=1e-3, eval_source="none", output=out, progress=False
+    )
+    assert report["finetune"]["mode"] == "full"
+    assert report["sparsity"]["pruned_zero"] and report["sparsity"]["rows_unchanged"]
+    assert_same_sparsity(pruned, out, load_masks(pruned), transposed=True)
+
+
+def test_nm_refuses_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    from secateurs.train import SRSTE, SparseTraining
+
+    model = torch.nn.Sequential(Conv1D(8, 16))
+    with pytest.raises(SecateursError, match="Conv1D keeps as its first axis"):
+        SparseTraining(model, None, SRSTE(), pattern="2:4")
