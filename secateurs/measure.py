@@ -65,3 +65,58 @@ def versions() -> dict:
     out["cuda"] = torch.version.cuda
     out["threads"] = torch.get_num_threads()
     return out
+
+
+def _size_bytes(text: str) -> int | None:
+    """``32K`` / ``1024K`` / ``32M`` (as sysfs writes cache sizes) in bytes."""
+    text = text.strip().upper()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (ValueError, IndexError):
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _cpu_count(cpu_list: str) -> int | None:
+    """How many CPUs a sysfs list such as ``0-1,4`` names."""
+    try:
+        total = 0
+        for part in cpu_list.split(","):
+            a, _, b = part.partition("-")
+            total += int(b or a) - int(a) + 1
+        return total
+    except ValueError:
+        return None
+
+
+def cpu_info() -> dict:
+    """The CPU a benchmark ran on: model name, logical CPUs, and the data caches by level (bytes, and how many
+    CPUs share each), from /proc/cpuinfo and sysfs on Linux; what cannot be read is None or left out."""
+    info: dict = {"model": platform.processor() or None, "cpus": os.cpu_count(), "caches": {}}
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            info["model"] = line.split(":", 1)[1].strip()
+            break
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    entries = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    for entry in entries:
+        folder = os.path.join(base, entry)
+        kind, level, size = (_read(os.path.join(folder, n)) for n in ("type", "level", "size"))
+        if not entry.startswith("index") or kind in (None, "Instruction") or level is None or size is None:
+            continue
+        shared = _read(os.path.join(folder, "shared_cpu_list"))
+        info["caches"][f"L{level}"] = {
+            "bytes": _size_bytes(size),
+            "shared_by_cpus": _cpu_count(shared) if shared else None,
+        }
+    levels = sorted(info["caches"])
+    info["last_level_cache_bytes"] = info["caches"][levels[-1]]["bytes"] if levels else None
+    return info

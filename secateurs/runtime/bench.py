@@ -30,7 +30,7 @@ import torch
 from secateurs import loading
 from secateurs.errors import SecateursError
 from secateurs.format.sparse import dtype_name
-from secateurs.measure import versions
+from secateurs.measure import cpu_info, versions
 from secateurs.models import default_device, load_model, resolve_dtype
 from secateurs.runtime import kernels, timing
 from secateurs.runtime.cuda import to_semi_structured
@@ -161,6 +161,7 @@ def benchmark(
         f"of {tokens} tokens (the {tokens - 1} steps after the prefill timed); prefill = one forward pass; "
         f"median of {repeat}, dense and sparse interleaved",
         "read_bandwidth_gbps": bandwidth / 1e9,
+        "cpu": cpu_info(),
         "conversion": conversion,
         "same_tokens": bool(torch.equal(outputs["dense"], outputs["sparse"])),
         "versions": versions(),
@@ -182,11 +183,26 @@ def benchmark(
             "bytes_per_decode_step": per_step,
             "bandwidth_bound_tokens_per_s": bandwidth * batch / per_step,
         }
+    llc = result["cpu"]["last_level_cache_bytes"]
+    for name in models:  # whether a decode step's weights could stay in the last-level cache between steps
+        result[name]["fits_last_level_cache"] = None if not llc else result[name]["bytes_per_decode_step"] <= llc
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "bandwidth_bound_tokens_per_s"):
         result[f"speedup_{key.removesuffix('_tokens_per_s')}"] = result["sparse"][key] / result["dense"][key]
     if micro and device.type == "cpu":
         result["shapes"] = timing.microbench(sparse, dtype, batch, batch * prompt_len)
     return result
+
+
+def _cpu_line(r: dict) -> str:
+    cpu = r.get("cpu") or {}
+    caches = ", ".join(
+        f"{level} {c['bytes'] / 2**20:g} MiB" for level, c in sorted(cpu.get("caches", {}).items()) if c.get("bytes")
+    )
+    fits = {name: r[name].get("fits_last_level_cache") for name in ("dense", "sparse")}
+    said = ", ".join(f"{name} {'fits' if f else 'does not fit'}" for name, f in fits.items() if f is not None)
+    return f"cpu: {cpu.get('model')} ({cpu.get('cpus')} CPUs; {caches or 'caches unknown'})" + (
+        f"; a decode step's weights vs the last-level cache: {said}" if said else ""
+    )
 
 
 def format_table(r: dict) -> str:
@@ -202,6 +218,7 @@ def format_table(r: dict) -> str:
             else ""
         ),
         f"protocol: {r['protocol']}",
+        _cpu_line(r),
         f"read bandwidth {r['read_bandwidth_gbps']:.1f} GB/s; greedy tokens identical: {r['same_tokens']}",
         "",
         f"{'':8}{'decode tok/s':>14}{'bound tok/s':>13}{'prefill tok/s':>15}{'weights MB':>12}{'added MB':>9}"

@@ -53,6 +53,10 @@ def test_cli_bench(sparse_tiny_dir):
         result["sparse"]["decode_tokens_per_s"] / result["dense"]["decode_tokens_per_s"]
     )
     assert result["same_tokens"] is True
+    assert result["cpu"]["cpus"] >= 1 and "caches" in result["cpu"]
+    llc = result["cpu"]["last_level_cache_bytes"]
+    if llc:  # the tiny model fits in any last-level cache
+        assert result["dense"]["fits_last_level_cache"] is (result["dense"]["bytes_per_decode_step"] <= llc) is True
     linears = {n: m for n, m in pruned.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     assert result["conversion"]["converted"] == len(linears) == 3 * 7  # every pruned linear runs on the kernel
     # per shape: how many linears have it, and their density, as counted from the pruned weights
