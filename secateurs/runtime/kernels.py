@@ -210,8 +210,10 @@ def _checked_isa(name: str) -> str:
 
 _isa = supported_isas()[0]
 _threads: int | None = None
-# From how many rows of x the tiled path (decompress + dense matmul) beats the bitmask kernel, by value dtype:
-# measured on SmolLM2's 1536 x 576 at 70% on 2 cores (AVX-512): a bf16 dense matmul is fast enough to win early.
+# From how many rows of x the tiled path (decompress + dense matmul) beats the bitmask kernel, by value dtype,
+# measured on SmolLM2's shapes at 70% on 2 AVX-512 cores (idle): fp32 crosses over between 64 and 256 rows by
+# shape, bf16 (whose dense matmul is much faster than the kernel) between 16 and 128. The decompression runs on
+# the calling thread, where torch's OpenMP workers still spinning after the previous matmul slow it about 3x.
 PREFILL_ROWS = {torch.float32: 128, torch.int8: 128, torch.bfloat16: 32}
 _prefill_rows: int | None = None
 
