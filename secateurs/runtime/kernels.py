@@ -213,7 +213,7 @@ _threads: int | None = None
 # From how many rows of x the tiled path (decompress + dense matmul) beats the bitmask kernel, by value dtype,
 # measured on SmolLM2's shapes at 70% on 2 AVX-512 cores (idle): fp32 crosses over between 64 and 256 rows by
 # shape, bf16 (whose dense matmul is much faster than the kernel) between 16 and 128. The decompression runs on
-# the calling thread, where torch's OpenMP workers still spinning after the previous matmul slow it about 3x.
+# the kernel's threads, where torch's OpenMP workers still spinning after the previous matmul slow it 3-5x.
 PREFILL_ROWS = {torch.float32: 128, torch.int8: 128, torch.bfloat16: 32}
 _prefill_rows: int | None = None
 
@@ -300,7 +300,8 @@ def unpack_rows(p: PackedWeight, r0: int, r1: int, out: torch.Tensor | None = No
     if _isa == "torch" or rows == 0 or cols == 0:
         out.view(rows, cols).copy_(unpack(p)[r0:r1])
     else:
-        _native.unpack(*p._args[:6], p._scales_ptr, r0, r1, out.data_ptr(), _ISA_CODE[_isa])
+        threads = _threads if _threads is not None else torch.get_num_threads()
+        _native.unpack(*p._args[:6], p._scales_ptr, r0, r1, out.data_ptr(), _ISA_CODE[_isa], threads)
     return out.view(rows, cols)
 
 

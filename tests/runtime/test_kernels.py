@@ -403,3 +403,15 @@ def test_prefill_rows_setting():
     p = kernels.pack(sparse_weight(4, 8, 0.5))
     with pytest.raises(ValueError, match="not within"):
         kernels.unpack_rows(p, 2, 9)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_unpack_rows_on_several_threads(threads):
+    """The decompression splits rows over the kernel's pool: every range, from any first row, is exact."""
+    kernels.set_num_threads(threads)
+    for values in (None, "int8"):
+        p = kernels.pack(sparse_weight(300, 200, 0.7, seed=threads), values)
+        whole = kernels.unpack(p)
+        for r0, r1 in ((0, 300), (17, 283), (299, 300)):
+            assert same_bits(kernels.unpack_rows(p, r0, r1), whole[r0:r1])

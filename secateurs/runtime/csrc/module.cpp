@@ -67,6 +67,8 @@ struct Job {
     Problem problem;
     Isa isa;
     uint16_t* y_bf16;  // final output when it is bfloat16 (problem.y is then fp32 scratch)
+    char* unpack_dst = nullptr;  // an unpack job: rows written dense here (row r at r * in * unpack_elem bytes)
+    int unpack_elem = 4;
     int64_t bounds[kMaxThreads * kChunksPerThread + 1];
 };
 
@@ -74,6 +76,15 @@ void run_part(const Job& job, int part) {
     const int64_t r0 = job.bounds[part], r1 = job.bounds[part + 1];
     if (r0 >= r1) return;
     const Problem& p = job.problem;
+    if (job.unpack_dst) {
+        void* dst = job.unpack_dst + r0 * p.in * job.unpack_elem;
+        switch (job.isa) {
+            case kAvx512: unpack_avx512(p, r0, r1, dst); break;
+            case kAvx2: unpack_avx2(p, r0, r1, dst); break;
+            default: unpack_scalar(p, r0, r1, dst); break;
+        }
+        return;
+    }
     switch (job.isa) {
         case kAvx512: rows_avx512(p, r0, r1); break;
         case kAvx2: rows_avx2(p, r0, r1); break;
@@ -88,7 +99,8 @@ void run_part(const Job& job, int part) {
 // Split the rows into `parts` ranges of about equal cost (stored values plus a per-row cost for the mask walk).
 void balance(const Problem& p, int parts, int64_t* bounds) {
     const int64_t row_cost = p.in / 8 + 8;
-    const int64_t total = p.row_offsets[p.out] + p.out * row_cost;
+    const int64_t base = p.row_offsets[0];  // non-zero for a range of rows that does not start at row 0
+    const int64_t total = p.row_offsets[p.out] - base + p.out * row_cost;
     bounds[0] = 0;
     int64_t lo = 0;
     for (int i = 1; i < parts; ++i) {
@@ -96,7 +108,7 @@ void balance(const Problem& p, int parts, int64_t* bounds) {
         int64_t hi = p.out;  // first row o with cost(o) >= target
         while (lo < hi) {
             const int64_t mid = lo + (hi - lo) / 2;
-            if (p.row_offsets[mid] + mid * row_cost < target)
+            if (p.row_offsets[mid] - base + mid * row_cost < target)
                 lo = mid + 1;
             else
                 hi = mid;
@@ -223,7 +235,7 @@ constexpr int64_t kParallelWork = 1 << 15;
 
 void compute(Job& job, int threads) {
     const Problem& p = job.problem;
-    const int64_t work = (p.row_offsets[p.out] + p.out * (p.in / 8)) * p.m;
+    const int64_t work = (p.row_offsets[p.out] - p.row_offsets[0] + p.out * (p.in / 8)) * p.m;
     int parts = static_cast<int>(std::min<int64_t>({threads, kMaxThreads, p.out, std::max<int64_t>(1, work / kParallelWork)}));
     std::unique_lock<std::mutex> lock(g_pool_mutex, std::defer_lock);
     if (parts > 1 && !lock.try_lock()) parts = 1;
@@ -352,18 +364,23 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyObject* py_unpack(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-    // mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa
-    if (nargs != 11) {
-        PyErr_Format(PyExc_TypeError, "unpack takes 11 integer arguments, got %zd", nargs);
+    // mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa, threads
+    if (nargs != 12) {
+        PyErr_Format(PyExc_TypeError, "unpack takes 12 integer arguments, got %zd", nargs);
         return nullptr;
     }
     const void *mask, *values, *offsets, *scales, *dst;
-    int values_dtype, isa;
+    int values_dtype, isa, threads;
     int64_t out, in, r0, r1;
     if (!ptr_arg(args[0], &mask) || !ptr_arg(args[1], &values) || !arg(args[2], &values_dtype) ||
         !ptr_arg(args[3], &offsets) || !arg(args[4], &out) || !arg(args[5], &in) || !ptr_arg(args[6], &scales) ||
-        !arg(args[7], &r0) || !arg(args[8], &r1) || !ptr_arg(args[9], &dst) || !arg(args[10], &isa))
+        !arg(args[7], &r0) || !arg(args[8], &r1) || !ptr_arg(args[9], &dst) || !arg(args[10], &isa) ||
+        !arg(args[11], &threads))
         return nullptr;
+    if (threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "threads must be >= 1");
+        return nullptr;
+    }
     if (values_dtype < kF32 || values_dtype > kI8 || (values_dtype == kI8) != (scales != nullptr)) {
         PyErr_SetString(PyExc_ValueError, "bad values dtype code or scales");
         return nullptr;
@@ -376,22 +393,25 @@ PyObject* py_unpack(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_ValueError, "bad sizes");
         return nullptr;
     }
-    Problem p{};
-    p.mask = static_cast<const uint8_t*>(mask);
+    // rows [r0, r1) as a problem of their own (row_offsets and mask from r0 on), split over the pool like spmm
+    Job job;
+    Problem& p = job.problem;
     p.mask_stride = (in + 7) / 8;
+    p.mask = static_cast<const uint8_t*>(mask) + r0 * p.mask_stride;
     p.values = values;
     p.values_type = values_dtype;
-    p.scales = static_cast<const float*>(scales);
-    p.row_offsets = static_cast<const int64_t*>(offsets);
-    p.out = out;
+    p.scales = scales ? static_cast<const float*>(scales) + r0 : nullptr;
+    p.row_offsets = static_cast<const int64_t*>(offsets) + r0;
+    p.out = r1 - r0;
     p.in = in;
-    void* target = const_cast<void*>(dst);
+    p.m = 1;
+    job.isa = static_cast<Isa>(isa);
+    job.y_bf16 = nullptr;
+    job.unpack_dst = static_cast<char*>(const_cast<void*>(dst));
+    job.unpack_elem = values_dtype == kBF16 ? 2 : 4;
+    if (p.out == 0 || in == 0) Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
-    switch (isa) {
-        case kAvx512: unpack_avx512(p, r0, r1, target); break;
-        case kAvx2: unpack_avx2(p, r0, r1, target); break;
-        default: unpack_scalar(p, r0, r1, target); break;
-    }
+    compute(job, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -419,8 +439,8 @@ PyMethodDef kMethods[] = {
      "threads, scales): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, codes); "
      "values_dtype 2 (int8) takes per-row float32 scales, else scales is 0."},
     {"unpack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_unpack)), METH_FASTCALL,
-     "unpack(mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa): rows [r0, r1) of a packed "
-     "weight written dense into dst (float32; bfloat16 for bfloat16 values)."},
+     "unpack(mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa, threads): rows [r0, r1) of "
+     "a packed weight written dense into dst (float32; bfloat16 for bfloat16 values), on the kernel's threads."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "Bit 0: AVX2+FMA; bit 1: AVX-512 F/BW/VL/DQ/VBMI2."},
     {"set_spin_us", py_set_spin_us, METH_O, "How long idle workers spin (microseconds) before they sleep."},
     {"spin_us", py_spin_us, METH_NOARGS, "How long idle workers spin (microseconds) before they sleep."},
