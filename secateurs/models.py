@@ -82,6 +82,24 @@ def _smollm2_folder() -> Path:
     return target
 
 
+def _load_errors() -> tuple:
+    """What a damaged or unreadable model file raises while transformers reads it."""
+    import pickle
+    import struct
+
+    errors = [OSError, ValueError, RuntimeError, EOFError, KeyError, struct.error, pickle.UnpicklingError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+_LOAD_ERRORS = _load_errors()
+
+
 def load_model(spec: str, dtype: str | torch.dtype | None = "auto"):
     """Load (model, tokenizer, description) from the default's name, a local folder, a .gguf file or a hub id."""
     dtype = resolve_dtype(dtype)
@@ -111,8 +129,18 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "auto"):
             desc = f"hub:{spec}"
     except SecateursError:
         raise
-    except (OSError, ValueError) as exc:
+    except _LOAD_ERRORS as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if spec in _SMOLLM2_ALIASES:
+            raise SecateursError(
+                f"cannot load the default model from its converted copy in {cache_dir()}: {first} "
+                f"(delete {cache_dir() / 'smollm2-135m-instruct'} to convert it again)"
+            ) from None
+        if path.suffix == ".gguf" or path.is_dir():
+            raise SecateursError(
+                f"cannot load the model in {path}: {type(exc).__name__}: {first} (a damaged, truncated or "
+                "unsupported weights file?)"
+            ) from None
         raise SecateursError(
             f"cannot load model {spec!r} (not a local folder or .gguf file; as a hub id: {first})"
         ) from exc
