@@ -25,9 +25,16 @@ def write_report(folder: str | Path, output: str | Path | None = None, tolerance
         if output is not None:
             _write(Path(output), render_page(sweep.results(), tolerance))
         return {"kind": "sweep", "html": str(Path(output or folder / "report.html")), "summary": summary}
-    results = folder_results(folder)
+    try:
+        results = folder_results(folder)
+        page = render_page(results, tolerance)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a report.json with fields of other types
+        raise SecateursError(
+            f"{folder / 'report.json'} is not a report secateurs can read (a field has the wrong type or is "
+            f"missing: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     target = Path(output) if output else folder / "report.html"
-    _write(target, render_page(results, tolerance))
+    _write(target, page)
     return {"kind": "folder", "html": str(target), "rows": results.rows()}
 
 

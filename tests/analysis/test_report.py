@@ -184,3 +184,25 @@ def test_folder_page_renders_in_chromium(pruned_owl, tmp_path):
     assert seen["rows"] == 2 + 3  # dense and pruned rows, then the three layers
     assert seen["headings"][0] == "secateurs report: owl-wanda"
     assert_not_blank(shot)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda r: r.update(layers="not a list"),
+        lambda r: r.update(recipe=["wanda"]),
+        lambda r: r.update(perplexity=7),
+        lambda r: r["layers"][0].update(sparsity_target="half"),
+    ],
+    ids=["layers", "recipe", "perplexity", "layer field"],
+)
+def test_report_json_with_wrong_types_is_one_error_line(pruned_owl, tmp_path, edit):
+    folder = tmp_path / "copy"
+    shutil.copytree(pruned_owl, folder)
+    report = json.loads((folder / "report.json").read_text())
+    edit(report)
+    (folder / "report.json").write_text(json.dumps(report))
+    code, _, stderr = run_main("report", folder)
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and lines[0].startswith("secateurs: error: "), stderr
