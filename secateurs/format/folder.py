@@ -3,14 +3,20 @@ complete, so an interrupted or failed run never leaves an output that looks fini
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
 
 from secateurs.errors import SecateursError
 
+log = logging.getLogger("secateurs")
+
 REPORT_NAME = "report.json"
+# a temporary folder: .NAME.partial-PID-HEX (the writing process's id, so a later run can tell a dead one's)
+PARTIAL = re.compile(r"^\..+\.partial-(\d+)-[0-9a-f]{8}$")
 # files only a secateurs output folder holds: --overwrite replaces a folder only when one of them is there
 OUTPUT_MARKERS = (REPORT_NAME, "model.sparse.safetensors", "masks.safetensors")
 
@@ -59,9 +65,10 @@ class AtomicFolder:
         self.path = check_output(path, overwrite)
 
     def __enter__(self) -> Path:
-        self.tmp = self.path.parent / f".{self.path.name}.partial-{secrets.token_hex(4)}"
+        self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(self.path.parent)
             self.tmp.mkdir()  # follows the umask, unlike tempfile.mkdtemp's 0700
         except OSError as exc:
             raise SecateursError(f"cannot write in {self.path.parent}: {exc.strerror or exc}") from None
@@ -87,6 +94,37 @@ def follow_umask(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.is_file() and not f.is_symlink():
             os.chmod(f, 0o666 & ~mask)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Remove the temporary folders that killed secateurs runs left in ``parent`` (a run killed by SIGKILL or a
+    power cut cannot clean up after itself); those of running processes stay. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = PARTIAL.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink() or _alive(int(match.group(1))):
+            continue
+        size = folder_bytes(entry)
+        shutil.rmtree(entry, ignore_errors=True)
+        log.warning("removed %s, left by a run that was killed (%.1f MB)", entry, size / 1e6)
+        removed.append(entry)
+    return removed
 
 
 def folder_bytes(folder: str | Path) -> int:

@@ -26,3 +26,32 @@ def test_files_follow_the_umask(tmp_path):
         assert stat.S_IMODE((tmp_path / "private" / "report.json").stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_a_killed_run_leaves_a_partial_folder_the_next_run_removes(tmp_path, caplog):
+    """SIGKILL during a save (nothing can clean up), then a second save into the same parent removes what the
+    dead process left; a partial folder of a live process stays."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from secateurs.format.folder import AtomicFolder\n"
+        "with AtomicFolder(sys.argv[1]) as tmp:\n"
+        "    (tmp / 'model.safetensors').write_bytes(b'x' * 100000)\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert len(left) == 1 and not (tmp_path / "out").exists()  # nothing that looks finished
+    alive = tmp_path / f".other.partial-{os.getpid()}-0123abcd"  # a run still writing
+    alive.mkdir()
+    with caplog.at_level("WARNING", logger="secateurs"), AtomicFolder(tmp_path / "next") as tmp:
+        (tmp / "report.json").write_text("{}")
+    assert not left[0].exists() and alive.exists() and (tmp_path / "next" / "report.json").is_file()
+    assert "left by a run that was killed" in caplog.text
