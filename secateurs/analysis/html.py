@@ -20,6 +20,7 @@ main { max-width: 1060px; margin: 0 auto; padding: 24px 28px 60px; background: #
 h1 { font-size: 26px; margin: 0 0 6px; }
 h2 { font-size: 20px; margin: 34px 0 8px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 .lead { color: #444; margin-top: 4px; }
+.warning { background: #fff3cd; border: 1px solid #e0b000; padding: 8px 12px; }
 .findings { background: #f3f7fb; border-left: 4px solid #1f77b4; padding: 10px 16px; margin: 16px 0; }
 .findings li { margin: 3px 0; }
 figure { margin: 12px 0 8px; }
@@ -197,8 +198,8 @@ ERROR_CAPTION = (
 )
 
 
-def render_page(results: Results, tolerance: float = DEFAULT_TOLERANCE) -> str:
-    """The whole page as one string."""
+def render_page(results: Results, tolerance: float = DEFAULT_TOLERANCE, note: str | None = None) -> str:
+    """The whole page as one string; ``note`` (e.g. that a sweep is incomplete) is shown first, as a warning."""
     sweep = results.kind == "sweep"
     title = results.title or (f"secateurs sweep: {results.model}" if sweep else f"secateurs report: {results.model}")
     n = len(results.cells)
@@ -212,6 +213,7 @@ def render_page(results: Results, tolerance: float = DEFAULT_TOLERANCE) -> str:
         lead = "One pruned model: what each decoder layer was given, and what it cost."
     parts = [
         f"<h1>{_e(title)}</h1>",
+        *([f'<p class="warning" id="incomplete"><strong>{_e(note)}</strong></p>'] if note else []),
         f'<p class="lead">{_e(lead)}</p>',
         _findings(results, tolerance),
     ]

@@ -12,7 +12,7 @@ import time
 from secateurs import data
 from secateurs.cli.options import PAPER_HINT, add_common, add_eval, add_tasks, bos_choice
 from secateurs.cli.stages import add_stage_choices, add_stage_settings, recipe_from_args
-from secateurs.errors import SecateursError
+from secateurs.errors import Interrupted, SecateursError
 from secateurs.evaluate.zeroshot import check_tasks, format_table
 from secateurs.oneshot.allocations.table import Table
 
@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"prune": cmd_prune, "eval": cmd_eval}
         result = commands[args.command](args) if args.command in commands else args.run(args)
+    except Interrupted as exc:
+        print(f"\nsecateurs: interrupted; {exc}", file=sys.stderr)
+        return 130
     except SecateursError as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return 2

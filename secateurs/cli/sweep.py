@@ -9,7 +9,7 @@ from secateurs.analysis.summary import DEFAULT_TOLERANCE
 from secateurs.cli.options import add_common, add_eval, bos_choice
 from secateurs.cli.stages import add_stage_choices, add_stage_settings, given_settings
 from secateurs.data.calibration import Calibration
-from secateurs.errors import SecateursError
+from secateurs.errors import Interrupted, SecateursError
 from secateurs.sweep import CELLS, Grid, Sweep
 
 
@@ -96,7 +96,7 @@ def run(args) -> dict:
     try:
         return sweep.run()
     except KeyboardInterrupt:
-        raise SecateursError(
-            f"interrupted; the finished cells are kept in {Path(args.output) / CELLS}: run the same command again "
-            "to resume"
+        raise Interrupted(
+            f"the finished cells are kept in {Path(args.output) / CELLS} (results.json, results.csv and report.html "
+            "say the sweep is incomplete): run the same command again to resume"
         ) from None

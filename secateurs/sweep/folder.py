@@ -26,6 +26,7 @@ SETTINGS_NAME = "sweep.json"
 CELLS = "cells"
 DENSE_KEY = "dense"
 LOCK_NAME = ".lock"
+PLAN_NAME = "plan.json"  # the cells the last run set out to finish: the outputs say how many of them are done
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -136,6 +137,27 @@ class SweepFolder:
         except OSError as exc:
             raise SecateursError(f"cannot write the sweep folder {path}: {exc.strerror or exc}") from None
 
+    def write_plan(self, keys: list[str]) -> None:
+        """Record the cells this run sets out to finish (under :meth:`lock`)."""
+        write_json(self.path / PLAN_NAME, {"format": FORMAT, "cells": list(keys)})
+
+    def progress(self) -> dict:
+        """{"planned", "done", "missing", "complete"}: the planned cells against the finished ones (without a plan,
+        the finished ones are all there is)."""
+        done = set(self.read_cells())
+        try:
+            planned = json.loads((self.path / PLAN_NAME).read_text())["cells"]
+            planned = [k for k in planned if isinstance(k, str)]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            planned = sorted(done)
+        missing = [k for k in planned if k not in done]
+        return {
+            "planned": len(planned),
+            "done": len(planned) - len(missing),
+            "missing": missing,
+            "complete": not missing,
+        }
+
     def settings(self) -> dict:
         try:
             return json.loads((self.path / SETTINGS_NAME).read_text())["settings"]
@@ -205,7 +227,17 @@ class SweepFolder:
         results = self.results()
         rows = results.rows()
         knees = results.knees(tolerance)
+        progress = self.progress()
+        note = None
+        if not progress["complete"]:
+            note = (
+                f"Incomplete: {progress['done']} of {progress['planned']} cells finished (missing: "
+                f"{', '.join(progress['missing'][:6])}{', ...' if len(progress['missing']) > 6 else ''}). Run the "
+                "same sweep command again to finish it."
+            )
         summary = {
+            "complete": progress["complete"],
+            "cells": {"planned": progress["planned"], "done": progress["done"], "missing": progress["missing"]},
             "settings": results.settings,
             "dense": {"perplexity": results.dense_perplexity, "outlier_ratios": results.outlier_ratios},
             "knee_tolerance": tolerance,
@@ -222,8 +254,8 @@ class SweepFolder:
             "folder": str(self.path),
         }
         write_json(self.path / "results.json", summary)
-        write_atomic(self.path / "results.csv", rows_csv(rows, results.dense))
-        write_atomic(self.path / "report.html", render_page(results, tolerance))
+        write_atomic(self.path / "results.csv", rows_csv(rows, results.dense, progress["complete"]))
+        write_atomic(self.path / "report.html", render_page(results, tolerance, note=note))
         return summary
 
 
@@ -242,14 +274,19 @@ CSV_COLUMNS = [
     "prune_seconds",
     "eval_seconds",
     "best",
+    "sweep_complete",
 ]
 
 
-def rows_csv(rows: list[dict], dense: float | None) -> str:
+def rows_csv(rows: list[dict], dense: float | None, complete: bool = True) -> str:
+    """The table as CSV; every row says whether the sweep it comes from had finished all its planned cells."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
+    mark = {"sweep_complete": str(bool(complete)).lower()}
     if dense is not None:
-        writer.writerow({"key": DENSE_KEY, "target": 0, "sparsity_target": 0, "sparsity": 0, "perplexity": dense})
-    writer.writerows(rows)
+        writer.writerow(
+            {"key": DENSE_KEY, "target": 0, "sparsity_target": 0, "sparsity": 0, "perplexity": dense, **mark}
+        )
+    writer.writerows({**row, **mark} for row in rows)
     return buf.getvalue()

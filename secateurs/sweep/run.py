@@ -76,6 +76,7 @@ class Sweep:
             folder.open(settings, self.fresh)
             settings_hash = settings_digest(settings)
             done = folder.read_cells(settings_hash)
+            folder.write_plan([DENSE_KEY, *(cell_key(r) for r in recipes)])
             todo = [r for r in recipes if cell_key(r) not in done]
             log.info("sweep: %d cells, %d already finished in %s", len(recipes), len(recipes) - len(todo), folder.path)
             if not todo and DENSE_KEY in done:
@@ -139,34 +140,40 @@ class Sweep:
             bar = tqdm(
                 total=len(recipes), initial=len(recipes) - len(todo), desc="sweep cells", disable=not self.progress
             )
-            for recipe in todo:
-                key = cell_key(recipe)
-                bar.set_postfix_str(key)
-                restore_linears(model, saved)
-                report = prune(
-                    model,
-                    recipe,
-                    self.calibration if recipe.needs_calibration else None,
-                    tokenizer=tokenizer,
-                    device=device,
-                    progress=self.progress,
-                )
-                ppl, seconds = score()
-                finish(
-                    {
-                        "key": key,
-                        "recipe": recipe.to_dict(),
-                        "report": report.to_dict(),
-                        "perplexity": ppl,
-                        "eval_seconds": seconds,
-                    }
-                )
-                ratio = f" ({ppl['perplexity'] / dense_ppl:.2f}x dense)" if dense_ppl else ""
-                log.info("%s: perplexity %.3f%s, sparsity %.4f", key, ppl["perplexity"], ratio, report.sparsity)
-                bar.update()
-            bar.close()
+            try:
+                self._run_cells(todo, model, tokenizer, device, saved, score, finish, dense_ppl, bar)
+            finally:
+                bar.close()  # also on Ctrl-C: the interrupt message then starts on a line of its own
             restore_linears(model, saved)
             return folder.write_outputs(self.tolerance)
+
+    def _run_cells(self, todo, model, tokenizer, device, saved, score, finish, dense_ppl, bar) -> None:
+        """Prune and score each cell still to do from the same dense weights, saving each as it finishes."""
+        for recipe in todo:
+            key = cell_key(recipe)
+            bar.set_postfix_str(key)
+            restore_linears(model, saved)
+            report = prune(
+                model,
+                recipe,
+                self.calibration if recipe.needs_calibration else None,
+                tokenizer=tokenizer,
+                device=device,
+                progress=self.progress,
+            )
+            ppl, seconds = score()
+            finish(
+                {
+                    "key": key,
+                    "recipe": recipe.to_dict(),
+                    "report": report.to_dict(),
+                    "perplexity": ppl,
+                    "eval_seconds": seconds,
+                }
+            )
+            ratio = f" ({ppl['perplexity'] / dense_ppl:.2f}x dense)" if dense_ppl else ""
+            log.info("%s: perplexity %.3f%s, sparsity %.4f", key, ppl["perplexity"], ratio, report.sparsity)
+            bar.update()
 
 
 def _now() -> str:

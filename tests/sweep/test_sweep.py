@@ -146,13 +146,21 @@ def test_sweep_resumes_after_an_interruption(tiny_model_dir, text_file, tmp_path
     interrupted = CountingPrune(fail_on=2)
     monkeypatch.setattr(secateurs.sweep.run, "prune", interrupted)
     code, stdout, stderr = run_main(*sweep_args(tiny_model_dir, text_file, out, *SMALL))
-    assert code == 2 and stdout == ""
-    assert "interrupted" in stderr and "run the same command again to resume" in stderr
+    assert code == 130 and stdout == ""  # as a shell reports SIGINT
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("secateurs: interrupted;") and "run the same command again to resume" in last
     assert interrupted.calls == ["wanda-0.5-uniform", "wanda-0.7-uniform"]
     assert sorted(p.name for p in (out / "cells").iterdir()) == ["dense.json", "wanda-0.5-uniform.json"]
     assert_clean(out)
     with open(out / "results.csv") as handle:
-        assert [r["key"] for r in csv.DictReader(handle)] == ["dense", "wanda-0.5-uniform"]
+        rows = list(csv.DictReader(handle))
+    assert [r["key"] for r in rows] == ["dense", "wanda-0.5-uniform"]
+    assert {r["sweep_complete"] for r in rows} == {"false"}  # the partial table says so, row by row
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["complete"] is False and partial["cells"]["planned"] == 4 and partial["cells"]["done"] == 2
+    assert partial["cells"]["missing"] == ["wanda-0.7-uniform", "wanda-2of4-uniform"]
+    page = (out / "report.html").read_text()
+    assert 'id="incomplete"' in page and "Incomplete: 2 of 4 cells finished" in page
     first = (out / "cells" / "wanda-0.5-uniform.json").read_bytes()
 
     # a run killed while writing (a stale temporary file) and a damaged cell file are both survived
@@ -169,6 +177,8 @@ def test_sweep_resumes_after_an_interruption(tiny_model_dir, text_file, tmp_path
     summary = json.loads((out / "results.json").read_text())
     assert [r["key"] for r in summary["rows"]] == ["wanda-0.5-uniform", "wanda-0.7-uniform", "wanda-2of4-uniform"]
     assert all(math.isfinite(r["perplexity"]) for r in summary["rows"])
+    assert summary["complete"] is True and summary["cells"] == {"planned": 4, "done": 4, "missing": []}
+    assert 'id="incomplete"' not in (out / "report.html").read_text()
 
 
 def test_sweep_refuses_other_settings_unless_fresh(tiny_model_dir, text_file, tmp_path):
