@@ -162,7 +162,8 @@ def test_prune_json_report_has_every_field(wanda_run, tiny_model_dir, text_file)
     assert report["prunable_weights"] == sum(lin["numel"] for lin in linears.values())
     assert report["prune_seconds"] > 0
     assert isinstance(report["peak_rss_bytes"], int) and report["peak_rss_bytes"] > 0
-    assert report["versions"]["torch"] == torch.__version__
+    # the installed distribution's version; a build's local label (+cpu, +cu130) is not always recorded in it
+    assert report["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert report["versions"]["transformers"] == transformers.__version__
 
 
