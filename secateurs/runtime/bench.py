@@ -68,6 +68,8 @@ def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | 
     loading.load_tokenizer(folder)
     rss = timing.rss()
     sparse, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity, head=head)
+    if dtype is None and _int8(sparse):
+        sparse.to(torch.bfloat16)  # int8 values run with bf16 activations (the codes stay int8)
     rss_sparse = timing.rss() - rss
     if dense_dtype is None and _int8(sparse):
         dense_dtype = torch.bfloat16  # int8 values are measured against what a user would run dense instead
@@ -100,7 +102,8 @@ def benchmark(
     """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc.
 
     ``dense_dtype``: the dtype of the dense model compared against (default: the sparse model's, and bfloat16
-    when the sparse folder holds int8 values). ``head="int8"``: the sparse model's LM head (and a tied plain
+    when the sparse folder holds int8 values, whose sparse model then runs bfloat16 activations too unless
+    ``dtype`` says otherwise). ``head="int8"``: the sparse model's LM head (and a tied plain
     embedding) int8 too, see :func:`secateurs.runtime.linear.int8_head`."""
     if tokens < 2 or prompt_len < 1 or batch < 1 or repeat < 1:
         raise SecateursError("need --tokens >= 2, --prompt-len >= 1, --batch >= 1 and --repeat >= 1")

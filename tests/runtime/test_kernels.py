@@ -384,7 +384,7 @@ def test_tiled_prefill_matches_truth(isa, values, monkeypatch):
         y = kernels.spmm(x, p, bias)  # 150 rows: tiled
         assert y.shape == (3, 50, 22) and y.dtype == xdtype
         truth_x = x.reshape(-1, 40)
-        if dtype == torch.bfloat16 and xdtype == torch.bfloat16:  # a bf16 matmul, as the dense bf16 model's
+        if xdtype == torch.bfloat16 and values != "float32":  # a bf16 matmul, as the dense bf16 model's
             truth = truth_x.double() @ held.double().T + bias.double()
             assert torch.allclose(y.reshape(-1, 22).double(), truth, rtol=2e-2, atol=2e-2)
         else:  # in fp32, as the kernel
