@@ -210,11 +210,12 @@ def _checked_isa(name: str) -> str:
 
 _isa = supported_isas()[0]
 _threads: int | None = None
-# From how many rows of x the tiled path (decompress + dense matmul) beats the bitmask kernel, by value dtype,
+# From how many rows of x the tiled path (decompress + dense matmul) beats the bitmask kernel,
 # measured on SmolLM2's shapes at 70% on 2 AVX-512 cores (idle): fp32 crosses over between 64 and 256 rows by
 # shape, bf16 (whose dense matmul is much faster than the kernel) between 16 and 128. The decompression runs on
 # the kernel's threads, where torch's OpenMP workers still spinning after the previous matmul slow it 3-5x.
-PREFILL_ROWS = {torch.float32: 128, torch.int8: 128, torch.bfloat16: 32}
+# Keyed by the dtype the tiles are multiplied in (see _matmul_dtype).
+PREFILL_ROWS = {torch.float32: 128, torch.bfloat16: 32}
 _prefill_rows: int | None = None
 
 
@@ -243,7 +244,7 @@ def num_threads() -> int:
 
 def set_prefill_rows(n: int | None) -> None:
     """From how many rows of ``x`` (tokens) :func:`spmm` decompresses the weight tile by tile and multiplies each
-    tile with the dense matmul; None: the defaults of :data:`PREFILL_ROWS` by value dtype; a huge number: never."""
+    tile with the dense matmul; None: the defaults of :data:`PREFILL_ROWS` by matmul dtype; a huge number: never."""
     global _prefill_rows
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ValueError(f"prefill rows must be a positive integer or None, got {n!r}")
@@ -251,8 +252,15 @@ def set_prefill_rows(n: int | None) -> None:
 
 
 def prefill_rows(dtype: torch.dtype = torch.float32) -> int:
-    """The row count from which :func:`spmm` takes the tiled path for values of ``dtype``."""
+    """The row count from which :func:`spmm` takes the tiled path when the tiles are multiplied in ``dtype``
+    (bfloat16: bfloat16 x with bfloat16 or int8 values; float32 otherwise)."""
     return _prefill_rows if _prefill_rows is not None else PREFILL_ROWS[dtype]
+
+
+def _matmul_dtype(x_dtype: torch.dtype, values_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the tiled path multiplies in: bfloat16 when x is and the values are bfloat16 or int8 codes."""
+    bf16 = x_dtype == torch.bfloat16 and values_dtype in (torch.bfloat16, torch.int8)
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 if os.environ.get(ISA_ENV):
@@ -328,8 +336,7 @@ def _spmm_tiled(x2: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) ->
     float32."""
     out, cols = p.shape
     stored = torch.bfloat16 if p.values.dtype == torch.bfloat16 else torch.float32
-    bf16 = x2.dtype == torch.bfloat16 and p.values.dtype in (torch.bfloat16, torch.int8)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = _matmul_dtype(x2.dtype, p.values.dtype)
     xc = x2 if x2.dtype == dtype else x2.to(dtype)
     b = None if bias is None else bias.to(dtype)
     rows = max(1, min(out, TILE_ELEMENTS // cols))
@@ -371,7 +378,7 @@ def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> 
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     rows = x.numel() // cols
-    if rows >= (_prefill_rows if _prefill_rows is not None else PREFILL_ROWS[p.values.dtype]):
+    if rows >= prefill_rows(_matmul_dtype(x.dtype, p.values.dtype)):
         return _spmm_tiled(x2.reshape(rows, cols), p, bias).reshape(*x.shape[:-1], out)
     y = torch.empty((*x.shape[:-1], out), dtype=x.dtype)
     _native.spmm(

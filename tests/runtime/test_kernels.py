@@ -328,7 +328,9 @@ def test_int8_values_match_their_dequantised_weight(isa, cols):
             bias = torch.randn(21)
             assert_close_to_truth(kernels.spmm(x, p, bias), x, dequantised, bias)
             xb = x.bfloat16()
-            assert_close_to_truth(kernels.spmm(xb, p), xb, dequantised, None)
+            # many bf16 rows take the tiled path, which multiplies in bf16 (the weight rounded to bf16 first)
+            tiled = batch >= kernels.prefill_rows(torch.bfloat16) and isa != "torch"
+            assert_close_to_truth(kernels.spmm(xb, p), xb, dequantised.bfloat16() if tiled else dequantised, None)
 
 
 def test_int8_from_parts_checks_scales():
@@ -395,7 +397,7 @@ def test_tiled_prefill_matches_truth(isa, values, monkeypatch):
 def test_prefill_rows_setting():
     assert kernels.prefill_rows(torch.bfloat16) == kernels.PREFILL_ROWS[torch.bfloat16]
     kernels.set_prefill_rows(5)
-    assert kernels.prefill_rows(torch.float32) == kernels.prefill_rows(torch.int8) == 5
+    assert kernels.prefill_rows(torch.float32) == kernels.prefill_rows(torch.bfloat16) == 5
     with pytest.raises(ValueError, match="positive integer"):
         kernels.set_prefill_rows(0)
     kernels.set_prefill_rows(None)
