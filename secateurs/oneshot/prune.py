@@ -44,15 +44,27 @@ def check_recipe(model: nn.Module, recipe: Recipe) -> None:
     nm = recipe.nm
     if nm is None:
         return
+    checked, bad = 0, {}
     for index, layer in enumerate(layers):
         for name, module in prunable_linears(layer, f"{layers_name}.{index}", recipe.excluded).items():
-            full = f"{layers_name}.{index}.{name}"
             cols = weight_view(module).shape[1]
+            checked += 1
             if cols % nm.m:
-                raise SecateursError(
-                    f"N:M pattern {nm} needs input widths divisible by {nm.m}, but {full} has {cols}; "
-                    f"exclude it (exclude=['{full}'] / --exclude) to leave it dense"
-                )
+                bad[f"{layers_name}.{index}.{name}"] = cols
+    if not bad:
+        return
+    if len(bad) == checked:
+        widths = ", ".join(str(w) for w in sorted(set(bad.values())))
+        raise SecateursError(
+            f"N:M pattern {nm} needs input widths divisible by {nm.m}, and no prunable linear has one "
+            f"(every linear's width is one of {widths}): choose M dividing them"
+        )
+    (first, cols), more = next(iter(bad.items())), len(bad) - 1
+    also = f" (and {more} more linear{'s' * (more != 1)}: {', '.join(list(bad)[1:4])}{', ...' if more > 3 else ''})"
+    raise SecateursError(
+        f"N:M pattern {nm} needs input widths divisible by {nm.m}, but {first} has {cols}{also if more else ''}; "
+        f"exclude them (exclude=['{first}', ...] / --exclude) to leave them dense"
+    )
 
 
 def linear_names(model: nn.Module) -> list[str]:

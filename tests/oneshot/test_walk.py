@@ -231,9 +231,14 @@ def test_exclude_leaves_linears_dense():
 
 
 def test_nm_width_not_divisible_is_a_clear_error():
-    model = tiny_model("llama")
-    with pytest.raises(secateurs.SecateursError, match="divisible by 5"):
-        secateurs.prune(model, secateurs.Recipe(pattern="2:5"), torch.randint(0, VOCAB, (1, 8)), progress=False)
+    model = tiny_model("llama")  # every input width is 64 or 96 (hidden 64, intermediate 96)
+    windows = torch.randint(0, VOCAB, (1, 8))
+    with pytest.raises(secateurs.SecateursError, match=r"divisible by 5, and no prunable linear has one \(every"):
+        secateurs.prune(model, secateurs.Recipe(pattern="2:5"), windows, progress=False)
+    # 1:64 fits the 64-wide inputs, not the 96-wide down_proj: those are named (and counted), nothing is pruned
+    with pytest.raises(secateurs.SecateursError, match=r"down_proj has 96 \(and 2 more linears: .*down_proj"):
+        secateurs.prune(model, secateurs.Recipe(pattern="1:64"), windows, progress=False)
+    assert all(int((p == 0).sum()) == 0 for n, p in model.named_parameters() if "proj" in n)
 
 
 def test_report_counts_and_per_linear_sparsity():
