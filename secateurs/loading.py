@@ -119,6 +119,16 @@ def module_architecture(folder: str | Path) -> dict:
     return record["architecture"]
 
 
+def _packed_as(packed: dict[str, PackedTensor], dtype: torch.dtype) -> dict[str, PackedTensor]:
+    """The packed weights with float values in ``dtype``; int8 codes stay codes (their scales dequantise them)."""
+    return {
+        key: p
+        if p.scales is not None or p.values.dtype == dtype
+        else PackedTensor(p.mask, p.values.to(dtype), p.shape, p.transposed, p.view)
+        for key, p in packed.items()
+    }
+
+
 def read_module_sparse(folder: str | Path, model: nn.Module, dtype: str | torch.dtype | None = None):
     """(model, packed): a plain module's sparse folder read into ``model`` (an instance of the saved class):
     every dense tensor loaded, the packed weights returned as ``{module name: PackedTensor}`` for the caller."""
@@ -135,10 +145,7 @@ def read_module_sparse(folder: str | Path, model: nn.Module, dtype: str | torch.
     dtype = resolve_dtype(dtype)
     if dtype not in (None, "auto"):
         dense = {k: t.to(dtype) if t.is_floating_point() else t for k, t in dense.items()}
-        packed = {
-            k: p if p.scales is not None else PackedTensor(p.mask, p.values.to(dtype), p.shape, p.transposed, p.view)
-            for k, p in packed.items()
-        }
+        packed = _packed_as(packed, dtype)
     with torch.no_grad():
         for key, t in dense.items():
             set_tensor(model, key, t)
@@ -172,12 +179,7 @@ def read_sparse(folder: str | Path, dtype: str | torch.dtype | None = None):
         for key, t in dense.items():
             if t.is_floating_point() and expected[key].is_floating_point():
                 dense[key] = t.to(dtype)
-        packed = {
-            key: PackedTensor(p.mask, p.values.to(dtype), p.shape, p.transposed, p.view)
-            if p.values.dtype != dtype
-            else p
-            for key, p in packed.items()
-        }
+        packed = _packed_as(packed, dtype)
     model.load_state_dict(dense, strict=False, assign=True)
     for key, source in header.aliases.items():
         owner, _, attr = source.rpartition(".")

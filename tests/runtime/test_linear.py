@@ -273,3 +273,20 @@ def test_load_sparse_with_int8_head(tmp_path):
         torch.testing.assert_close(fast(ids).logits, model(ids).logits, atol=0.02, rtol=0.02)
     with pytest.raises(SecateursError, match="head must be int8"):
         load_sparse(tmp_path / "s", head="int4")
+
+
+def test_int8_folder_loaded_in_another_dtype_keeps_its_codes(tmp_path):
+    """dtype= converts the dense tensors and float values; int8 codes stay codes with their scales."""
+    model = pruned_tiny("llama")
+    save_sparse(model, None, tmp_path / "i8", progress=False, values="int8")
+    reference, _ = load_pruned(tmp_path / "i8")
+    bf16, _ = load_pruned(tmp_path / "i8", dtype="bfloat16")
+    for name, module in decoder_linears(reference).items():
+        W = weight_view(bf16.get_submodule(name))
+        assert W.dtype == torch.bfloat16
+        torch.testing.assert_close(W.float(), weight_view(module), rtol=1e-2, atol=1e-6)
+    fast, _ = load_sparse(tmp_path / "i8", dtype="bfloat16")
+    assert {m.packed.dtype for m in fast.modules() if isinstance(m, SparseLinear)} == {torch.int8}
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits.float(), reference(ids).logits, atol=0.1, rtol=0.1)
