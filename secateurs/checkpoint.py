@@ -215,6 +215,11 @@ def _collect(
     return tensors, aliases, sizes, dense_linears
 
 
+def _check_values(values: str | None) -> None:
+    if values not in (None, "int8"):
+        raise SecateursError(f"unknown values {values!r}: int8, or None (leave it out) to keep the model's dtype")
+
+
 def _is_causal_lm(model: nn.Module) -> bool:
     """A transformers model (it has a config to save); anything else is saved as a plain module."""
     return hasattr(getattr(model, "config", None), "save_pretrained")
@@ -245,8 +250,7 @@ def save_sparse(
     ``values="int8"``: the packed weights' values as int8 codes with one float32 scale per row (symmetric
     round-to-nearest; every stored weight stays non-zero, so masks and counts are unchanged); None keeps them.
     """
-    if values not in (None, "int8"):
-        raise SecateursError(f"unknown values {values!r}: int8, or None to keep the model's dtype")
+    _check_values(values)
     if out_dir is None and isinstance(tokenizer, (str, os.PathLike)):
         tokenizer, out_dir = None, tokenizer
     if out_dir is None:
@@ -375,8 +379,7 @@ def compress(
     src = Path(src_dir).expanduser()
     if not (src / "config.json").is_file():
         raise SecateursError(f"{src} is not a Hugging Face model folder (no config.json)")
-    if values not in (None, "int8"):
-        raise SecateursError(f"unknown values {values!r}: int8, or leave it out to keep the model's dtype")
+    _check_values(values)
     if is_sparse_folder(src) and values is None:
         raise SecateursError(f"{src} is already a sparse checkpoint (add --values int8 to requantise its values)")
     if Path(out_dir).expanduser().absolute() == src.absolute():

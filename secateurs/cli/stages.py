@@ -20,16 +20,15 @@ log = logging.getLogger("secateurs")
 STAGE_ARGS = {"pruner": "method", "allocation": "allocation", "refiner": "refine", "update": "update"}
 
 
-def _settings():
-    """(stage name, field, flag spellings, help, type name, default) once per distinct stage setting."""
+def config_settings(classes) -> list[tuple]:
+    """(config name, field, flag spellings, help, type name, default) once per distinct setting of the config
+    classes (stages, training methods): ``--{name}-{field}`` plus the spellings a class lists in ``flag_aliases``."""
     seen = {}
-    for cls in all_stages():
+    for cls in classes:
         for f in dataclasses.fields(cls):
-            if cls.name == "table":
-                continue  # named by its file: --allocation FILE.json
             key = (cls.name, f.name)
             flags = (f.metadata.get("flag") or f"--{cls.name}-{f.name.replace('_', '-')}",)
-            flags += tuple(cls.flag_aliases.get(f.name, ()))
+            flags += tuple(getattr(cls, "flag_aliases", {}).get(f.name, ()))
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if key not in seen:
                 seen[key] = (cls.name, f.name, flags, f.metadata.get("help", ""), str(f.type), default)
@@ -37,6 +36,42 @@ def _settings():
                 name, field, old_flags, help, kind, _ = seen[key]
                 seen[key] = (name, field, tuple(dict.fromkeys(old_flags + flags)), help, kind, default)
     return list(seen.values())
+
+
+def _settings():
+    """Every stage setting (the table allocation is named by its file: --allocation FILE.json)."""
+    return config_settings(cls for cls in all_stages() if cls.name != "table")
+
+
+def add_setting_flags(group, settings, dest_of, list_metavar: str = "GLOB") -> None:
+    """One flag per entry of :func:`config_settings`, typed from its field, stored under ``dest_of(name, field)``
+    with default None (a flag left out keeps the recipe's value)."""
+    for name, field, flags, help, kind, default in settings:
+        shown = ", ".join(default) if isinstance(default, tuple) else default
+        text = f"{name}: {help} (default {shown if shown != '' else 'none'})"
+        if kind.startswith("tuple"):
+            group.add_argument(
+                *flags, dest=dest_of(name, field), action="append", default=None, metavar=list_metavar, help=text
+            )
+        elif kind == "bool":
+            group.add_argument(
+                *flags, dest=dest_of(name, field), action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            convert = {"int": int, "float": float}.get(kind, str)
+            group.add_argument(
+                *flags, dest=dest_of(name, field), type=convert, default=None, metavar=kind.upper(), help=text
+            )
+
+
+def given_values(args, settings, dest_of) -> dict[str, dict]:
+    """Config name -> {setting: value} for every flag of ``settings`` given on the command line."""
+    out: dict[str, dict] = {}
+    for name, field, *_ in settings:
+        value = getattr(args, dest_of(name, field), None)
+        if value is not None:
+            out.setdefault(name, {})[field] = value
+    return out
 
 
 def dest(stage: str, field: str) -> str:
@@ -77,31 +112,12 @@ def add_stage_choices(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 
 
 def add_stage_settings(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("stage settings (used when that stage is chosen)")
-    for name, field, flags, help, kind, default in _settings():
-        shown = ", ".join(default) if isinstance(default, tuple) else default
-        text = f"{name}: {help} (default {shown if shown != '' else 'none'})"
-        if kind.startswith("tuple"):
-            group.add_argument(*flags, dest=dest(name, field), action="append", default=None, metavar="GLOB", help=text)
-        elif kind == "bool":
-            group.add_argument(
-                *flags, dest=dest(name, field), action=argparse.BooleanOptionalAction, default=None, help=text
-            )
-        else:
-            convert = {"int": int, "float": float}.get(kind, str)
-            group.add_argument(
-                *flags, dest=dest(name, field), type=convert, default=None, metavar=kind.upper(), help=text
-            )
+    add_setting_flags(p.add_argument_group("stage settings (used when that stage is chosen)"), _settings(), dest)
 
 
 def given_settings(args) -> dict[str, dict]:
     """Stage name -> {setting: value} for every stage flag given on the command line."""
-    out: dict[str, dict] = {}
-    for name, field, _, _, _, _ in _settings():
-        value = getattr(args, dest(name, field), None)
-        if value is not None:
-            out.setdefault(name, {})[field] = value
-    return out
+    return given_values(args, _settings(), dest)
 
 
 def recipe_from_args(args) -> Recipe:

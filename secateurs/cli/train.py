@@ -8,9 +8,9 @@ flag given overrides the recipe file, a flag left out keeps the file's value (or
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 
+from secateurs.cli.stages import add_setting_flags, config_settings, given_values
 from secateurs.errors import SecateursError
 from secateurs.train.loop import DATA, OPTIMIZERS, TrainConfig, train
 from secateurs.train.registry import METHODS
@@ -35,15 +35,9 @@ PLAIN = (
 )
 
 
-def method_settings() -> list[tuple[str, str, str, str, str, object]]:
-    """(method, setting, flag, help, type name, default) for every setting of every registered method."""
-    out = []
-    for name, cls in METHODS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            flag = f"--{name}-{f.name.replace('_', '-')}"
-            out.append((name, f.name, flag, f.metadata.get("help", ""), str(f.type), default))
-    return out
+def method_settings() -> list[tuple]:
+    """(method, setting, flags, help, type name, default) for every setting of every registered method."""
+    return config_settings(METHODS.values())
 
 
 def dest(method: str, setting: str) -> str:
@@ -52,30 +46,12 @@ def dest(method: str, setting: str) -> str:
 
 def add_method_settings(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("method settings (used when that method is chosen)")
-    for name, setting, flag, help, kind, default in method_settings():
-        shown = ", ".join(default) if isinstance(default, tuple) else default
-        text = f"{name}: {help} (default {shown if shown != '' else 'none'})"
-        if kind.startswith("tuple"):
-            group.add_argument(flag, dest=dest(name, setting), action="append", default=None, metavar="V", help=text)
-        elif kind == "bool":
-            group.add_argument(
-                flag, dest=dest(name, setting), action=argparse.BooleanOptionalAction, default=None, help=text
-            )
-        else:
-            convert = {"int": int, "float": float}.get(kind, str)
-            group.add_argument(
-                flag, dest=dest(name, setting), type=convert, default=None, metavar=kind.upper(), help=text
-            )
+    add_setting_flags(group, method_settings(), dest, list_metavar="V")
 
 
 def given_method_settings(args) -> dict[str, dict]:
     """Method name -> {setting: value} for every method flag given on the command line."""
-    out: dict[str, dict] = {}
-    for name, setting, *_ in method_settings():
-        value = getattr(args, dest(name, setting), None)
-        if value is not None:
-            out.setdefault(name, {})[setting] = value
-    return out
+    return given_values(args, method_settings(), dest)
 
 
 def add_parser(subparsers, name: str) -> None:

@@ -85,15 +85,33 @@ class AtomicFolder:
         return False
 
 
-def follow_umask(folder: Path) -> None:
-    """Give every file under ``folder`` the mode a plain ``open()`` would (0666 less the umask): some writers
-    (safetensors) create their files 0600, which would leave the weights of a saved model unreadable to the
-    group when the rest of the folder is not."""
+def file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0666 less the umask."""
     mask = os.umask(0)
     os.umask(mask)
+    return 0o666 & ~mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode of :func:`file_mode`: some writers (safetensors) create their
+    files 0600, which would leave the weights of a saved model unreadable to the group when the rest of the
+    folder is not."""
+    mode = file_mode()
     for f in folder.rglob("*"):
         if f.is_file() and not f.is_symlink():
-            os.chmod(f, 0o666 & ~mask)
+            os.chmod(f, mode)
+
+
+def replace_file(path: Path, write) -> None:
+    """``write(tmp)`` to a hidden file beside ``path``, give it :func:`file_mode`, rename it to ``path``: a reader
+    never sees half a file, and a failure leaves nothing behind."""
+    tmp = path.parent / f".{path.name}.partial-{secrets.token_hex(4)}"
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -8,8 +8,6 @@ gives every mask's shape and pruned count, so loading checks the file fully; not
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 
 from secateurs.errors import SecateursError
 from secateurs.format.bits import pack_mask, packed_width, row_counts, unpack_mask
+from secateurs.format.folder import replace_file
 
 MASKS_NAME = "masks.safetensors"
 MASKS_FORMAT = "secateurs-masks"
@@ -54,15 +53,11 @@ def save_masks(folder_or_file: str | Path, masks: Mapping[str, torch.Tensor]) ->
         "masks": json.dumps(entries),  # in the order given: loading keeps it
     }
     path = masks_path(folder_or_file)
-    tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(4)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        replace_file(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     except OSError as exc:
         raise SecateursError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

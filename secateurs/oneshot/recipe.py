@@ -179,11 +179,7 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe file (YAML or JSON, by suffix; JSON is also YAML) or a report.json that holds one."""
-        try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SecateursError(f"cannot read recipe {path}: {exc}") from None
-        content = loads(text, path)
+        content = read_file(path)
         if isinstance(content, dict) and isinstance(content.get("recipe"), dict):
             content = content["recipe"]  # a report: the recipe that made it
         return cls.from_dict(content)
@@ -195,6 +191,17 @@ def dumps(obj: dict, path: str | Path = "") -> str:
 
         return yaml.safe_dump(obj, sort_keys=False)
     return json.dumps(obj, indent=2) + "\n"
+
+
+def read_file(path: str | Path) -> object:
+    """The content of a recipe file (YAML or JSON, by suffix); one error line when it cannot be read or parsed."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecateursError(
+            f"cannot read recipe {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+        ) from None
+    return loads(text, path)
 
 
 def loads(text: str, path: str | Path = "") -> object:

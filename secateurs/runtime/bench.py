@@ -68,10 +68,11 @@ def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | 
     loading.load_tokenizer(folder)
     rss = timing.rss()
     sparse, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity, head=head)
-    if dtype is None and _int8(sparse):
+    int8 = _int8(sparse)
+    if dtype is None and int8:
         sparse.to(torch.bfloat16)  # int8 values run with bf16 activations (the codes stay int8)
     rss_sparse = timing.rss() - rss
-    if dense_dtype is None and _int8(sparse):
+    if dense_dtype is None and int8:
         dense_dtype = torch.bfloat16  # int8 values are measured against what a user would run dense instead
     rss = timing.rss()
     dense = dense_load(dense_dtype)

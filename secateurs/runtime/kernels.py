@@ -308,8 +308,7 @@ def unpack_rows(p: PackedWeight, r0: int, r1: int, out: torch.Tensor | None = No
     if _isa == "torch" or rows == 0 or cols == 0:
         out.view(rows, cols).copy_(unpack(p)[r0:r1])
     else:
-        threads = _threads if _threads is not None else torch.get_num_threads()
-        _native.unpack(*p._args[:6], p._scales_ptr, r0, r1, out.data_ptr(), _ISA_CODE[_isa], threads)
+        _native.unpack(*p._args[:6], p._scales_ptr, r0, r1, out.data_ptr(), _ISA_CODE[_isa], num_threads())
     return out.view(rows, cols)
 
 

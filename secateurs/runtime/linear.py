@@ -17,7 +17,7 @@ from torch import nn
 
 from secateurs import loading
 from secateurs.errors import SecateursError
-from secateurs.format.bits import quantize_rows, stored_bits, stored_count
+from secateurs.format.bits import pack_mask, quantize_rows, stored_bits, stored_count
 from secateurs.format.sparse import PACKABLE_DTYPES
 from secateurs.models import decoder_linears, load_model, weight_view
 from secateurs.runtime import kernels
@@ -118,16 +118,16 @@ def int8_head(model: nn.Module) -> dict:
     embedding = model.get_input_embeddings()
     tied = embedding is not None and embedding.weight.data_ptr() == W.data_ptr()
     before = W.numel() * W.element_size()
-    packed = kernels.pack(W.contiguous(), "int8")
+    stored = stored_bits(W)
+    q, scales = quantize_rows(W, stored)
+    packed = kernels.from_parts(pack_mask(stored), q[stored], tuple(W.shape), scales)
     sparse = SparseLinear(packed, head.bias)
     model.set_output_embeddings(sparse)
     out = {"head_bytes_before": before, "head_bytes_after": sparse.nbytes, "embedding": "separate"}
     if tied and type(embedding) is nn.Embedding:
         full = packed.nnz == W.numel()
-        if full:  # every weight stored: the packed values are the codes, row by row
-            codes = packed.values[: packed.nnz].view(W.shape)
-        else:
-            codes, _ = quantize_rows(W, stored_bits(W))
+        # every weight stored: the packed values are the codes, row by row (else the table keeps its own copy)
+        codes = packed.values[: packed.nnz].view(W.shape) if full else q
         model.set_input_embeddings(Int8Embedding(codes, packed.scales, W.dtype, embedding.padding_idx))
         out["embedding"] = "int8, shared with the head" if full else "int8"
     elif tied:

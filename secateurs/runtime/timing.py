@@ -105,7 +105,8 @@ def step_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, Int8Embedding):
             skip |= {_address(m.codes), _address(m.scales)}
-    total = sum(_nbytes(t) for t in _unique_tensors(model) if _address(t) not in skip | _packed_values(model))
+    skip |= _packed_values(model)
+    total = sum(_nbytes(t) for t in _unique_tensors(model) if _address(t) not in skip)
     return total + sum(m.packed.nbytes for m in model.modules() if isinstance(m, SparseLinear))
 
 

@@ -141,10 +141,9 @@ class SweepFolder:
         """Record the cells this run sets out to finish (under :meth:`lock`)."""
         write_json(self.path / PLAN_NAME, {"format": FORMAT, "cells": list(keys)})
 
-    def progress(self) -> dict:
-        """{"planned", "done", "missing", "complete"}: the planned cells against the finished ones (without a plan,
-        the finished ones are all there is)."""
-        done = set(self.read_cells())
+    def progress(self, done: set[str]) -> dict:
+        """{"planned", "done", "missing", "complete"}: the planned cells against ``done``, the keys of the finished
+        ones (without a plan, the finished ones are all there is)."""
         try:
             planned = json.loads((self.path / PLAN_NAME).read_text())["cells"]
             planned = [k for k in planned if isinstance(k, str)]
@@ -227,7 +226,8 @@ class SweepFolder:
         results = self.results()
         rows = results.rows()
         knees = results.knees(tolerance)
-        progress = self.progress()
+        done = {cell["key"] for cell in results.cells} | ({DENSE_KEY} if results.dense_perplexity else set())
+        progress = self.progress(done)
         note = None
         if not progress["complete"]:
             note = (

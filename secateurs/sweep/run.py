@@ -141,39 +141,35 @@ class Sweep:
                 total=len(recipes), initial=len(recipes) - len(todo), desc="sweep cells", disable=not self.progress
             )
             try:
-                self._run_cells(todo, model, tokenizer, device, saved, score, finish, dense_ppl, bar)
+                for recipe in todo:
+                    key = cell_key(recipe)
+                    bar.set_postfix_str(key)
+                    restore_linears(model, saved)
+                    report = prune(
+                        model,
+                        recipe,
+                        self.calibration if recipe.needs_calibration else None,
+                        tokenizer=tokenizer,
+                        device=device,
+                        progress=self.progress,
+                    )
+                    ppl, seconds = score()
+                    finish(
+                        {
+                            "key": key,
+                            "recipe": recipe.to_dict(),
+                            "report": report.to_dict(),
+                            "perplexity": ppl,
+                            "eval_seconds": seconds,
+                        }
+                    )
+                    ratio = f" ({ppl['perplexity'] / dense_ppl:.2f}x dense)" if dense_ppl else ""
+                    log.info("%s: perplexity %.3f%s, sparsity %.4f", key, ppl["perplexity"], ratio, report.sparsity)
+                    bar.update()
             finally:
                 bar.close()  # also on Ctrl-C: the interrupt message then starts on a line of its own
             restore_linears(model, saved)
             return folder.write_outputs(self.tolerance)
-
-    def _run_cells(self, todo, model, tokenizer, device, saved, score, finish, dense_ppl, bar) -> None:
-        """Prune and score each cell still to do from the same dense weights, saving each as it finishes."""
-        for recipe in todo:
-            key = cell_key(recipe)
-            bar.set_postfix_str(key)
-            restore_linears(model, saved)
-            report = prune(
-                model,
-                recipe,
-                self.calibration if recipe.needs_calibration else None,
-                tokenizer=tokenizer,
-                device=device,
-                progress=self.progress,
-            )
-            ppl, seconds = score()
-            finish(
-                {
-                    "key": key,
-                    "recipe": recipe.to_dict(),
-                    "report": report.to_dict(),
-                    "perplexity": ppl,
-                    "eval_seconds": seconds,
-                }
-            )
-            ratio = f" ({ppl['perplexity'] / dense_ppl:.2f}x dense)" if dense_ppl else ""
-            log.info("%s: perplexity %.3f%s, sparsity %.4f", key, ppl["perplexity"], ratio, report.sparsity)
-            bar.update()
 
 
 def _now() -> str:

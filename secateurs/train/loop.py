@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from secateurs.errors import SecateursError
-from secateurs.format.folder import follow_umask
+from secateurs.format.folder import follow_umask, replace_file
 from secateurs.measure import PeakMemory, versions
-from secateurs.oneshot.recipe import dumps, loads
+from secateurs.oneshot.recipe import dumps, read_file
 from secateurs.oneshot.select import check_sparsity, parse_nm
 from secateurs.train.registry import method_from
 from secateurs.train.sparse import DISTRIBUTIONS, SparseTraining
@@ -203,13 +203,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a recipe (YAML or JSON, by suffix), or the ``metrics.json`` of a run (its ``config``)."""
-        try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SecateursError(
-                f"cannot read recipe {path}: {exc.strerror if isinstance(exc, OSError) else exc}"
-            ) from None
-        content = loads(text, path)
+        content = read_file(path)
         if isinstance(content, dict) and isinstance(content.get("config"), dict) and "evals" in content:
             content = content["config"]
         return cls.from_dict(content)
@@ -280,24 +274,6 @@ def evaluate(model: nn.Module, data, device: torch.device) -> dict:
 
 
 # ---- output folder and checkpoints
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path``: a reader never sees half a file."""
-    tmp = path.parent / f".{path.name}.partial-{secrets.token_hex(4)}"
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -311,12 +287,12 @@ def save_checkpoint(output: Path, model, optimizer, sparse: SparseTraining, stat
     from safetensors.torch import save_file
 
     step = str(state["step"])
-    _write_atomic(
+    replace_file(
         output / "checkpoint.safetensors", lambda p: save_file(_plain_state(model), str(p), metadata={"step": step})
     )
     extra = {"step": state["step"], "optimizer": optimizer.state_dict(), "sparse": sparse.state_dict()}
-    _write_atomic(output / "checkpoint.pt", lambda p: torch.save(extra, p))
-    _write_atomic(output / "checkpoint.json", lambda p: p.write_text(json.dumps(state, indent=1) + "\n"))
+    replace_file(output / "checkpoint.pt", lambda p: torch.save(extra, p))
+    replace_file(output / "checkpoint.json", lambda p: p.write_text(json.dumps(state, indent=1) + "\n"))
 
 
 def _recipe_diff(a: dict, b: dict) -> list[str]:
@@ -488,7 +464,7 @@ def train(
             state = load_checkpoint(out, config, model, optimizer, sparse)
             resumed_from = state["step"]
             log.info("resuming %s from step %d of %d", out, resumed_from, total)
-        _write_atomic(out / "recipe.yaml", lambda p: p.write_text(dumps(recipe, "recipe.yaml")))
+        replace_file(out / "recipe.yaml", lambda p: p.write_text(dumps(recipe, "recipe.yaml")))
     end = total if stop_after is None else min(total, stop_after)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     model.train()

@@ -33,22 +33,19 @@ class Data(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
+def train(model, callback, tmp_path, **arguments) -> None:
+    """A Trainer run on the CPU with nothing saved or logged."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, **arguments
+    )
+    Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback]).train()
+
+
 def test_trainer_keeps_the_model_sparse(tmp_path):
     torch.manual_seed(0)
     model = Classifier()
     callback = SparseTrainingCallback(RigL(interval=3), sparsity=0.8, distribution="uniform")
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=12,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-    )
-    Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback]).train()
+    train(model, callback, tmp_path, max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2, weight_decay=0.1)
     sparse = callback.sparse
     assert sparse.total_steps == 12 and sparse.step_count == 12
     assert len(sparse.history) == 2  # steps 3 and 6, before T_end = 9
@@ -62,17 +59,7 @@ def test_static_mask_stays_exact_without_finalize(tmp_path):
     torch.manual_seed(1)
     model = Classifier()
     callback = SparseTrainingCallback("static", sparsity=0.75, distribution="uniform", total_steps=5, finalize=False)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=5,
-        per_device_train_batch_size=16,
-        learning_rate=5e-2,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-    )
-    Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback]).train()
+    train(model, callback, tmp_path, max_steps=5, per_device_train_batch_size=16, learning_rate=5e-2)
     sparse = callback.sparse
     assert sparse.optimizer is not None and sparse.total_steps == 5 and sparse.step_count == 5
     for name, keep in sparse.keep_masks().items():
