@@ -154,10 +154,13 @@ def _collect(
     sizes = dict.fromkeys(("linear_dense_bytes", "linear_checkpoint_bytes", "packed_dense_bytes", "packed_bytes"), 0)
     dense_linears = []
 
-    def add_packed(name: str, p: PackedTensor) -> None:
+    model_itemsize = next((t.element_size() for t in model.parameters() if t.is_floating_point()), 4)
+
+    def add_packed(name: str, p: PackedTensor, dense_itemsize: int) -> None:
+        """``dense_itemsize``: bytes a weight took dense (int8 values are compared with what they replaced)."""
         tensors[f"{name}.weight"] = p
         itemsize = p.values.element_size()
-        dense = p.shape[0] * p.shape[1] * (4 if p.scales is not None else itemsize)  # int8 from float32 here
+        dense = p.shape[0] * p.shape[1] * dense_itemsize
         size = packed_bytes(*p.shape, p.nnz, itemsize) + (0 if p.scales is None else p.scales.numel() * 4)
         for field, n in (("linear_dense_bytes", dense), ("linear_checkpoint_bytes", size)):
             sizes[field] += n
@@ -168,7 +171,11 @@ def _collect(
     already = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     for name, module in already.items():
         p = module.packed
-        add_packed(name, PackedTensor(p.mask, p.values[: p.nnz].clone(), p.shape, module.transposed, None, p.scales))
+        add_packed(
+            name,
+            PackedTensor(p.mask, p.values[: p.nnz].clone(), p.shape, module.transposed, None, p.scales),
+            model_itemsize if p.scales is not None else p.values.element_size(),
+        )
     already_dense_bytes = sizes["packed_dense_bytes"]
     if linears is None:
         try:
@@ -190,7 +197,7 @@ def _collect(
         packable = dtype_name(W.dtype) in PACKABLE_DTYPES
         if wanted and not shared and packable:
             transposed = not isinstance(module, nn.Linear) and not _is_conv(module)
-            add_packed(name, PackedTensor.from_weight(W.cpu(), transposed=transposed, values=values))
+            add_packed(name, PackedTensor.from_weight(W.cpu(), transposed=transposed, values=values), W.element_size())
             continue
         if wanted and not shared:
             log.warning("%s stays dense: packing needs float32 or bfloat16, not %s", name, dtype_name(W.dtype))

@@ -290,3 +290,11 @@ def test_int8_folder_loaded_in_another_dtype_keeps_its_codes(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).logits.float(), reference(ids).logits, atol=0.1, rtol=0.1)
+
+
+def test_int8_sizes_compare_with_the_dtype_they_replace(tmp_path):
+    model = pruned_tiny("llama")
+    f32 = save_sparse(model, None, tmp_path / "a", progress=False, values="int8")
+    bf16 = save_sparse(model.to(torch.bfloat16), None, tmp_path / "b", progress=False, values="int8")
+    assert f32["linear_checkpoint_bytes"] == bf16["linear_checkpoint_bytes"]  # the same codes and scales
+    assert f32["linear_dense_bytes"] == 2 * bf16["linear_dense_bytes"]  # against 4 and 2 bytes a weight
