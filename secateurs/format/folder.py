@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 from secateurs.errors import SecateursError
@@ -17,6 +18,10 @@ log = logging.getLogger("secateurs")
 REPORT_NAME = "report.json"
 # a temporary folder: .NAME.partial-PID-HEX (the writing process's id, so a later run can tell a dead one's)
 PARTIAL = re.compile(r"^\..+\.partial-(\d+)-[0-9a-f]{8}$")
+# the naming of older versions (tempfile.mkdtemp: no process id); such a folder counts as stale once nothing in it
+# has changed for OLD_PARTIAL_AGE seconds: a run that is still writing touches its files far more often
+OLD_PARTIAL = re.compile(r"^\..+\.partial-[a-z0-9_]{8}$")
+OLD_PARTIAL_AGE = 3600.0
 # files only a secateurs output folder holds: --overwrite replaces a folder only when one of them is there
 OUTPUT_MARKERS = (REPORT_NAME, "model.sparse.safetensors", "masks.safetensors")
 
@@ -135,14 +140,29 @@ def remove_stale_partials(parent: Path) -> list[Path]:
     except OSError:
         return removed
     for entry in entries:
+        if not entry.is_dir() or entry.is_symlink():
+            continue
         match = PARTIAL.match(entry.name)
-        if not match or not entry.is_dir() or entry.is_symlink() or _alive(int(match.group(1))):
+        if match:
+            if _alive(int(match.group(1))):
+                continue
+        elif not OLD_PARTIAL.match(entry.name) or time.time() - _newest_mtime(entry) < OLD_PARTIAL_AGE:
             continue
         size = folder_bytes(entry)
         shutil.rmtree(entry, ignore_errors=True)
         log.warning("removed %s, left by a run that was killed (%.1f MB)", entry, size / 1e6)
         removed.append(entry)
     return removed
+
+
+def _newest_mtime(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    for f in folder.rglob("*"):
+        try:
+            times.append(f.lstat().st_mtime)
+        except OSError:
+            pass
+    return max(times)
 
 
 def folder_bytes(folder: str | Path) -> int:

@@ -55,3 +55,28 @@ def test_a_killed_run_leaves_a_partial_folder_the_next_run_removes(tmp_path, cap
         (tmp / "report.json").write_text("{}")
     assert not left[0].exists() and alive.exists() and (tmp_path / "next" / "report.json").is_file()
     assert "left by a run that was killed" in caplog.text
+
+
+def test_old_style_partial_folders_are_removed_once_untouched_for_an_hour(tmp_path, caplog):
+    """Folders of older versions carry no process id: one untouched for an hour is stale, a fresh one may be a
+    run still writing and stays; names that merely look alike are never touched."""
+    import time
+
+    from secateurs.format.folder import OLD_PARTIAL_AGE
+
+    old = tmp_path / ".out.partial-ab_c9xyz"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"x" * 1000)
+    past = time.time() - OLD_PARTIAL_AGE - 60
+    for p in (old / "model.safetensors", old):
+        os.utime(p, (past, past))
+    fresh = tmp_path / ".other.partial-q1w2e3r4"
+    fresh.mkdir()
+    (fresh / "model.safetensors").write_bytes(b"x")
+    lookalike = tmp_path / ".notes.partial-2024"  # not our naming
+    lookalike.mkdir()
+    os.utime(lookalike, (past, past))
+    with caplog.at_level("WARNING", logger="secateurs"), AtomicFolder(tmp_path / "next") as tmp:
+        (tmp / "report.json").write_text("{}")
+    assert not old.exists() and fresh.exists() and lookalike.exists()
+    assert "left by a run that was killed" in caplog.text
