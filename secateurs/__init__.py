@@ -18,6 +18,7 @@ from secateurs.oneshot.refiners.dsnot import DSnoT
 from secateurs.oneshot.result import PackedMask, PruneReport
 from secateurs.oneshot.select import NM, parse_nm
 from secateurs.oneshot.updates.admm import ADMM, ADMMGradual
+from secateurs.runtime.activation import sparsify_activations
 from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify, to_sparse_linears
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "prune",
     "save_sparse",
     "sparsify",
+    "sparsify_activations",
     "to_sparse_linears",
     "zero_shot",
 ]

@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512)
     add_eval(p, "bible")
     add_tasks(p)
+    p.add_argument(
+        "--activation-sparsity",
+        type=float,
+        default=None,
+        metavar="S",
+        help="evaluate with this fraction of each linear's inputs (not the LM head's) thresholded to zero, "
+        "thresholds calibrated on bundled text (as bench and load_sparse run it)",
+    )
     add_common(p)
 
     for name, module in _EXTRA_COMMANDS.items():
@@ -250,9 +258,20 @@ def cmd_eval(args) -> dict:
         data.describe_source(args.eval)
     if args.tasks:
         args.tasks = check_tasks(args.tasks)
+    if args.activation_sparsity is not None:
+        from secateurs.runtime.activation import check_sparsity
+
+        check_sparsity(args.activation_sparsity)
     model, tokenizer, model_desc = load_model(args.model, args.dtype)
     model.to(device)
     out = {"model": model_desc, "dtype": str(model.dtype).replace("torch.", "")}
+    if args.activation_sparsity is not None:
+        from secateurs.runtime.activation import sparsify_activations
+
+        summary = sparsify_activations(
+            model, args.activation_sparsity, tokenizer, kernel=False, progress=not args.quiet
+        )
+        out["activation_sparsity"] = {k: v for k, v in summary.items() if k != "thresholds"}
     if do_eval:
         out.update(_evaluate(model, tokenizer, args, "").to_dict())
     if args.tasks:

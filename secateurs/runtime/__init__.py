@@ -1,5 +1,6 @@
 """Sparse inference on CPU: pruned weights kept compressed in memory and multiplied with directly."""
 
+from secateurs.runtime.activation import sparsify_activations
 from secateurs.runtime.kernels import (
     PackedWeight,
     from_parts,
@@ -9,6 +10,7 @@ from secateurs.runtime.kernels import (
     set_isa,
     set_num_threads,
     spmm,
+    to_layout,
     unpack,
 )
 from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify, to_sparse_linears  # noqa: F401 (public names)
@@ -22,5 +24,7 @@ __all__ = [
     "set_isa",
     "set_num_threads",
     "spmm",
+    "to_layout",
     "unpack",
+    "sparsify_activations",
 ]

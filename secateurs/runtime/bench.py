@@ -33,6 +33,7 @@ from secateurs.format.sparse import dtype_name
 from secateurs.measure import cpu_info, versions
 from secateurs.models import default_device, load_model, resolve_dtype
 from secateurs.runtime import kernels, timing
+from secateurs.runtime.activation import check_sparsity, sparsify_activations
 from secateurs.runtime.cuda import to_semi_structured
 from secateurs.runtime.linear import SparseLinear, load_sparse, torch_threads
 
@@ -43,9 +44,12 @@ def _int8(model) -> bool:
     return any(isinstance(m, SparseLinear) and m.packed.dtype == torch.int8 for m in model.modules())
 
 
-def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | None, dense_dtype=None, head=None):
+def _load_pair(
+    folder: Path, dtype, device: torch.device, min_sparsity: float | None, dense_dtype=None, head=None, activation=None
+):
     """(sparse model, dense model, tokenizer, rss added by each, conversion summary). ``dense_dtype``: the dense
-    model's dtype (default: the sparse one's; bfloat16 against int8 values)."""
+    model's dtype (default: the sparse one's; bfloat16 against int8 values). ``activation``: the sparse model's
+    activation sparsity."""
 
     def dense_load(want=None):
         if loading.is_sparse_folder(folder):
@@ -62,15 +66,23 @@ def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | 
         middle = torch.cuda.memory_allocated(device)
         dense = dense_load().to(device, dtype or torch.bfloat16)
         added = {"sparse": middle - before, "dense": torch.cuda.memory_allocated(device) - middle}
-        return sparse, dense, None, added, summary
+        return {"dense": dense, "sparse": sparse}, None, added, summary
     # one-time costs (the model's modules imported, the tokenizer) before memory is counted
     loading.empty_model(folder, torch.float32)
     loading.load_tokenizer(folder)
+
+    def sparse_load(with_activation: bool):
+        model, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity, head=head)
+        int8 = _int8(model)
+        if dtype is None and int8:
+            model.to(torch.bfloat16)  # int8 values run with bf16 activations (the codes stay int8)
+        summary = None
+        if with_activation:
+            summary = sparsify_activations(model, activation, tokenizer, kernel=True)
+        return model, tokenizer, int8, summary
+
     rss = timing.rss()
-    sparse, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity, head=head)
-    int8 = _int8(sparse)
-    if dtype is None and int8:
-        sparse.to(torch.bfloat16)  # int8 values run with bf16 activations (the codes stay int8)
+    sparse, tokenizer, int8, act_summary = sparse_load(activation is not None)
     rss_sparse = timing.rss() - rss
     if dense_dtype is None and int8:
         dense_dtype = torch.bfloat16  # int8 values are measured against what a user would run dense instead
@@ -80,7 +92,15 @@ def _load_pair(folder: Path, dtype, device: torch.device, min_sparsity: float | 
     converted = sum(isinstance(m, SparseLinear) for m in sparse.modules())
     if not converted:
         raise SecateursError(f"{folder}: no linear is sparse enough to run on the sparse kernel")
-    return sparse, dense, tokenizer, {"sparse": rss_sparse, "dense": rss_dense}, {"converted": converted}
+    models = {"dense": dense, "sparse": sparse}
+    rss = {"sparse": rss_sparse, "dense": rss_dense}
+    summary = {"converted": converted}
+    if activation is not None:  # the same sparse weights without activation sparsity, to compare with
+        rss_before = timing.rss()
+        models["weights_only"] = sparse_load(False)[0]
+        rss["weights_only"] = timing.rss() - rss_before
+        summary["activation"] = act_summary
+    return models, tokenizer, rss, summary
 
 
 def benchmark(
@@ -99,13 +119,16 @@ def benchmark(
     sparse_torch_threads: int | None = 1,
     dense_dtype: str | torch.dtype | None = None,
     head: str | None = None,
+    activation_sparsity=None,
 ) -> dict:
     """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc.
 
     ``dense_dtype``: the dtype of the dense model compared against (default: the sparse model's, and bfloat16
     when the sparse folder holds int8 values, whose sparse model then runs bfloat16 activations too unless
     ``dtype`` says otherwise). ``head="int8"``: the sparse model's LM head (and a tied plain
-    embedding) int8 too, see :func:`secateurs.runtime.linear.int8_head`."""
+    embedding) int8 too, see :func:`secateurs.runtime.linear.int8_head`. ``activation_sparsity``: the sparse model
+    also skips that fraction of each linear's inputs (:func:`secateurs.runtime.activation.sparsify_activations`),
+    and the same sparse weights without it are measured too (``weights_only``)."""
     if tokens < 2 or prompt_len < 1 or batch < 1 or repeat < 1:
         raise SecateursError("need --tokens >= 2, --prompt-len >= 1, --batch >= 1 and --repeat >= 1")
     folder = Path(folder).expanduser()
@@ -114,6 +137,10 @@ def benchmark(
     device = default_device(device)
     if head is not None and device.type != "cpu":
         raise SecateursError("--head int8 runs on the CPU kernel: use --device cpu")
+    if activation_sparsity is not None:
+        check_sparsity(activation_sparsity)
+        if device.type != "cpu":
+            raise SecateursError("--activation-sparsity runs on the CPU kernel: use --device cpu")
     dtype = resolve_dtype(dtype)
     dtype = None if dtype == "auto" else dtype
     if threads is not None:
@@ -124,16 +151,17 @@ def benchmark(
     dense_dtype = resolve_dtype(dense_dtype)
     dense_dtype = None if dense_dtype == "auto" else dense_dtype
     bandwidth = timing.read_bandwidth(device=device)
-    sparse, dense, _, rss, conversion = _load_pair(folder, dtype, device, min_sparsity, dense_dtype, head)
+    models, _, rss, conversion = _load_pair(folder, dtype, device, min_sparsity, dense_dtype, head, activation_sparsity)
+    sparse, dense = models["sparse"], models["dense"]
     dtype = next(sparse.parameters()).dtype
     values = sorted({dtype_name(m.packed.dtype) for m in sparse.modules() if isinstance(m, SparseLinear)})
     vocab = dense.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
-    models = {"dense": dense, "sparse": sparse}
     # torch's own threads while each model runs: the sparse model's linears run on the kernel's threads, and
     # torch's idle OpenMP workers spinning between ops would take the cores the kernel needs
-    own_threads = {"dense": torch.get_num_threads(), "sparse": sparse_torch_threads or torch.get_num_threads()}
+    own_threads = {name: sparse_torch_threads or torch.get_num_threads() for name in models}
+    own_threads["dense"] = torch.get_num_threads()
     if device.type != "cpu":
         own_threads["sparse"] = own_threads["dense"]
     for name, model in models.items():  # warm-up: first calls allocate caches and pick kernels
@@ -163,19 +191,28 @@ def benchmark(
         "kernel_isa": kernels.isa() if device.type == "cpu" else "semi-structured 2:4",
         "protocol": f"batch {batch}, random prompt of {prompt_len} tokens (seed {seed}), greedy KV-cache decode "
         f"of {tokens} tokens (the {tokens - 1} steps after the prefill timed); prefill = one forward pass; "
-        f"median of {repeat}, dense and sparse interleaved",
+        f"median of {repeat}, dense and sparse interleaved"
+        + (
+            f"; sparse = weights + activation sparsity {activation_sparsity}, weights_only = the same weights without"
+            if activation_sparsity is not None
+            else ""
+        ),
         "read_bandwidth_gbps": bandwidth / 1e9,
         "cpu": cpu_info(),
         "conversion": conversion,
         "same_tokens": bool(torch.equal(outputs["dense"], outputs["sparse"])),
         "versions": versions(),
     }
-    linears = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
-    numel = sum(m.out_features * m.in_features for m in linears)
-    bytes_per_weight = {
-        "sparse": sum(m.packed.nbytes for m in linears) / max(numel, 1),
-        "dense": next(dense.parameters()).element_size(),
-    }
+
+    def packed_bytes_per_weight(model):
+        linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
+        if not linears:  # nothing on the kernel (a dense folder's weights without activation sparsity)
+            return next(model.parameters()).element_size()
+        numel = sum(m.out_features * m.in_features for m in linears)
+        return sum(m.packed.nbytes for m in linears) / max(numel, 1)
+
+    bytes_per_weight = {name: packed_bytes_per_weight(model) for name, model in models.items() if name != "dense"}
+    bytes_per_weight["dense"] = next(dense.parameters()).element_size()
     for name, model in models.items():
         per_step = timing.step_bytes(model)
         result[name] = {
@@ -192,6 +229,12 @@ def benchmark(
         result[name]["fits_last_level_cache"] = None if not llc else result[name]["bytes_per_decode_step"] <= llc
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "bandwidth_bound_tokens_per_s"):
         result[f"speedup_{key.removesuffix('_tokens_per_s')}"] = result["sparse"][key] / result["dense"][key]
+    if "weights_only" in models:  # what the activation sparsity adds on top of the weight sparsity
+        result["activation_sparsity"] = activation_sparsity
+        for key in ("decode", "prefill"):
+            result[f"speedup_{key}_vs_weights_only"] = (
+                result["sparse"][f"{key}_tokens_per_s"] / result["weights_only"][f"{key}_tokens_per_s"]
+            )
     if micro and device.type == "cpu":
         result["shapes"] = timing.microbench(sparse, dtype, batch, batch * prompt_len)
     return result
@@ -228,11 +271,13 @@ def format_table(r: dict) -> str:
         f"{'':8}{'decode tok/s':>14}{'bound tok/s':>13}{'prefill tok/s':>15}{'weights MB':>12}{'added MB':>9}"
         f"{'MB/step':>9}",
     ]
-    for name in ("dense", "sparse"):
+    for name in ("dense", "sparse", "weights_only"):
+        if name not in r:
+            continue
         m = r[name]
         rss = f"{m['memory_added_bytes'] / 1e6:.0f}"
         lines.append(
-            f"{name:8}{m['decode_tokens_per_s']:>14.2f}{m['bandwidth_bound_tokens_per_s']:>13.1f}"
+            f"{name[:8]:8}{m['decode_tokens_per_s']:>14.2f}{m['bandwidth_bound_tokens_per_s']:>13.1f}"
             f"{m['prefill_tokens_per_s']:>15.1f}{m['weight_bytes'] / 1e6:>12.1f}{rss:>9}"
             f"{m['bytes_per_decode_step'] / 1e6:>9.1f}"
         )
@@ -240,6 +285,14 @@ def format_table(r: dict) -> str:
         f"{'sparse/dense':14}{r['speedup_decode']:>8.2f}x{r['speedup_bandwidth_bound']:>12.2f}x"
         f"{r['speedup_prefill']:>14.2f}x"
     )
+    if "speedup_decode_vs_weights_only" in r:
+        act = r["conversion"]["activation"]
+        lines.append(
+            f"activation sparsity {act['target']} ({act['linears']} linears; "
+            f"{100 * act['measured_on_first_window']:.1f}% of inputs skipped on calibration text): decode "
+            f"{r['speedup_decode_vs_weights_only']:.2f}x, prefill {r['speedup_prefill_vs_weights_only']:.2f}x "
+            "the same weights without it"
+        )
     if r.get("shapes"):
         lines += [
             "",
@@ -285,6 +338,14 @@ def add_parser(subparsers, name: str) -> None:
         default=None,
         help="the sparse model's LM head (and a tied embedding) as int8 rows on the kernel",
     )
+    p.add_argument(
+        "--activation-sparsity",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the sparse model also skips this fraction of each linear's inputs (thresholds calibrated on bundled "
+        "text); the same weights without it are measured too",
+    )
     p.add_argument("--no-micro", action="store_true", help="skip the per-shape microbenchmarks")
     p.add_argument(
         "--sparse-torch-threads",
@@ -314,6 +375,7 @@ def _run(args) -> dict:
         sparse_torch_threads=args.sparse_torch_threads,
         dense_dtype=args.dense_dtype,
         head=args.head,
+        activation_sparsity=args.activation_sparsity,
     )
     if not args.json:
         print(format_table(result))

@@ -11,6 +11,11 @@ Format of a pruned weight ``W [out, in]`` (``y = x @ W.T``):
   non-zero so the mask is unchanged).
 - ``row_offsets``: int64 ``[out + 1]``, where each row's values start (prefix sums of per-row popcounts).
 
+The **column layout** (``layout="columns"``, :func:`to_layout`) holds the same weight as the rows of ``W.T``: mask
+``[in, ceil(out / 8)]``, values column by column, offsets ``[in + 1]`` (int8 scales stay per output row). Decode
+with activation sparsity uses it: an input thresholded to zero (:func:`spmm`'s ``threshold``) means its column is
+never read. A model holds each weight in one layout, chosen when activation sparsity is switched on.
+
 At 70% sparsity this is 0.3 * 4 + 1/8 = 1.325 bytes per fp32 weight instead of 4 (0.425 with int8 values):
 decoding a token is bound by how many weight bytes are read, so fewer bytes is more tokens per second.
 
@@ -35,6 +40,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _native = None
 
 ISAS = ("avx512", "avx2", "scalar", "torch")
+LAYOUTS = ("rows", "columns")
 DTYPES = (torch.float32, torch.bfloat16)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 PAD_VALUES = 64  # zero values after the last stored one: a 16-lane load (or two) never leaves the buffer
@@ -54,9 +60,12 @@ class PackedWeight:
     row_offsets: torch.Tensor
     nnz: int
     scales: torch.Tensor | None = None  # float32 [out] for int8 values, else None
+    layout: str = "rows"  # "columns": mask, values and offsets are those of W.T (see the module docstring)
     _args: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         # everything the native call needs about this weight, computed once (the call is made ~200 times a token)
         args = (
             self.mask.data_ptr(),
@@ -68,6 +77,16 @@ class PackedWeight:
         )
         object.__setattr__(self, "_args", args)
         object.__setattr__(self, "_scales_ptr", 0 if self.scales is None else self.scales.data_ptr())
+        # the column layout's tiles are W.T's rows: int8 codes unpacked with unit scales, the real ones applied after
+        unit = None
+        if self.layout == "columns" and self.scales is not None:
+            unit = torch.ones(self.shape[1], dtype=torch.float32)
+        object.__setattr__(self, "_unit_scales", unit)
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """The shape of the matrix the mask and values describe: ``shape``, or ``(in, out)`` in the column layout."""
+        return self.shape if self.layout == "rows" else (self.shape[1], self.shape[0])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,7 +94,9 @@ class PackedWeight:
         return self.values.dtype
 
     def __repr__(self) -> str:
-        return f"PackedWeight(shape={self.shape}, dtype={self.dtype}, nnz={self.nnz}, density={self.density:.3f})"
+        layout = "" if self.layout == "rows" else f", layout={self.layout}"
+        density = f"{self.density:.3f}"
+        return f"PackedWeight(shape={self.shape}, dtype={self.dtype}, nnz={self.nnz}, density={density}{layout})"
 
     @property
     def density(self) -> float:
@@ -173,16 +194,38 @@ def from_parts(mask: torch.Tensor, values: torch.Tensor, shape, scales: torch.Te
     return PackedWeight((out, cols), mask, _with_padding(values), _offsets(counts), nnz, scales)
 
 
+def _stored_dense(p: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The stored matrix (``stored_shape``) dense, values (or int8 codes) cast to ``dtype``."""
+    shape = p.stored_shape
+    dense = torch.zeros(shape, dtype=dtype)
+    dense.masked_scatter_(unpack_mask(p.mask, shape[1]), p.values[: p.nnz].to(dtype))
+    return dense
+
+
 def unpack(p: PackedWeight) -> torch.Tensor:
     """The dense ``[out, in]`` weight, bit-identical to what was packed (pruned entries are +0.0); int8 values come
-    back dequantised, as float32 ``scale * q``."""
-    if p.scales is not None:
-        dense = torch.zeros(p.shape, dtype=torch.float32)
-        dense.masked_scatter_(unpack_mask(p.mask, p.shape[1]), p.values[: p.nnz].float())
-        return dense * p.scales[:, None]
-    dense = torch.zeros(p.shape, dtype=p.dtype)
-    dense.masked_scatter_(unpack_mask(p.mask, p.shape[1]), p.values[: p.nnz])
-    return dense
+    back dequantised, as float32 ``scale * q``. Either layout."""
+    dense = _stored_dense(p, torch.float32 if p.scales is not None else p.dtype)
+    if p.layout == "columns":
+        dense = dense.t().contiguous()
+    return dense * p.scales[:, None] if p.scales is not None else dense
+
+
+def to_layout(p: PackedWeight, layout: str) -> PackedWeight:
+    """The same weight in the other layout (``rows`` or ``columns``); the same object when it is already there.
+    Values and codes move as they are (bit-identical), int8 scales stay per output row."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == p.layout:
+        return p
+    shape = p.stored_shape
+    bits = unpack_mask(p.mask, shape[1])
+    dense = torch.zeros(shape, dtype=p.values.dtype)
+    dense.masked_scatter_(bits, p.values[: p.nnz])
+    bits_t = bits.t().contiguous()
+    kept = dense.t().contiguous()[bits_t]
+    mask, offsets = pack_mask(bits_t), _offsets(bits_t.sum(1))
+    return PackedWeight(p.shape, mask, _with_padding(kept), offsets, p.nnz, p.scales, layout)
 
 
 # ----------------------------------------------------------------------------------------- ISA and threads
@@ -283,8 +326,20 @@ def _check_spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> 
             raise ValueError(f"bias must be a CPU float32/bfloat16 tensor of shape ({p.shape[0]},)")
 
 
-def spmm_reference(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` through the dense weight, accumulated in fp32 (the torch fallback and the tests' truth)."""
+def threshold_inputs(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """``x`` with every entry of magnitude at most ``threshold`` set to zero (NaN kept); ``x`` itself for None.
+    The comparison is in float32 whatever x's dtype (as the kernel's: a bfloat16 x is compared exactly)."""
+    if threshold is None:
+        return x
+    return x.masked_fill(x.abs().float() <= threshold, 0)
+
+
+def spmm_reference(
+    x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None, threshold: float | None = None
+) -> torch.Tensor:
+    """``x' @ W.T (+ bias)`` through the dense weight, accumulated in fp32, where ``x'`` is ``x`` thresholded
+    (:func:`threshold_inputs`): the torch fallback and the tests' truth."""
+    x = threshold_inputs(x, threshold)
     weight = unpack(p).float()
     y = F.linear(x.float(), weight, None if bias is None else bias.float())
     return y.to(x.dtype)
@@ -294,21 +349,28 @@ TILE_ELEMENTS = 1 << 22  # weights per decompressed tile (16 MB in fp32): a whol
 
 
 def unpack_rows(p: PackedWeight, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows [r0, r1) of the weight, dense ``[r1 - r0, in]``: float32 (int8 codes times their scales) or, for
+    """Rows [r0, r1) of the stored matrix, dense ``[r1 - r0, in]``: float32 (int8 codes times their scales) or, for
     bfloat16 values, bfloat16; written into ``out`` when given (contiguous, of that dtype and size). Uses the
-    compiled kernel's SIMD decompression when it is built, :func:`unpack` otherwise."""
-    rows, cols = r1 - r0, p.shape[1]
+    compiled kernel's SIMD decompression when it is built, :func:`unpack` otherwise. In the column layout the
+    stored matrix is ``W.T`` (rows [r0, r1) are W's columns) and int8 codes come unscaled."""
+    n, cols = p.stored_shape
+    rows = r1 - r0
     dtype = torch.bfloat16 if p.values.dtype == torch.bfloat16 else torch.float32
-    if not 0 <= r0 <= r1 <= p.shape[0]:
-        raise ValueError(f"rows [{r0}, {r1}) are not within the weight's {p.shape[0]}")
+    if not 0 <= r0 <= r1 <= n:
+        raise ValueError(f"rows [{r0}, {r1}) are not within the weight's {n}")
     if out is None:
         out = torch.empty(rows, cols, dtype=dtype)
     elif out.dtype != dtype or not out.is_contiguous() or out.numel() != rows * cols:
         raise ValueError(f"out must be a contiguous {dtype} tensor of {rows * cols} elements")
     if _isa == "torch" or rows == 0 or cols == 0:
-        out.view(rows, cols).copy_(unpack(p)[r0:r1])
+        if p.layout == "rows":
+            out.view(rows, cols).copy_(unpack(p)[r0:r1])
+        else:
+            out.view(rows, cols).copy_(_stored_dense(p, dtype)[r0:r1])
     else:
-        _native.unpack(*p._args[:6], p._scales_ptr, r0, r1, out.data_ptr(), _ISA_CODE[_isa], num_threads())
+        m, v, code, offsets = p._args[:4]
+        scales = p._scales_ptr if p._unit_scales is None else p._unit_scales.data_ptr()
+        _native.unpack(m, v, code, offsets, n, cols, scales, r0, r1, out.data_ptr(), _ISA_CODE[_isa], num_threads())
     return out.view(rows, cols)
 
 
@@ -333,7 +395,7 @@ def _spmm_tiled(x2: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) ->
     bfloat16 or int8 values multiplies in bfloat16, as a dense bfloat16 model does (an int8 code times its scale
     rounded to bfloat16: a relative error of at most 2^-9, below the int8 rounding itself); anything else in
     float32."""
-    out, cols = p.shape
+    out, cols = p.stored_shape
     stored = torch.bfloat16 if p.values.dtype == torch.bfloat16 else torch.float32
     dtype = _matmul_dtype(x2.dtype, p.values.dtype)
     xc = x2 if x2.dtype == dtype else x2.to(dtype)
@@ -345,6 +407,17 @@ def _spmm_tiled(x2: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) ->
         t = unpack_rows(p, r0, r1, buffer[: (r1 - r0) * cols])
         return t if t.dtype == dtype else t.to(dtype)
 
+    if p.layout == "columns":  # tiles of W.T: y = sum over tiles of x[:, tile's inputs] @ tile
+        y = torch.zeros(xc.shape[0], cols, dtype=torch.float32 if p.scales is not None else dtype)
+        for r0 in range(0, out, rows):
+            r1 = min(out, r0 + rows)
+            y.addmm_(xc[:, r0:r1].to(y.dtype), tile(r0, r1).to(y.dtype))
+        if p.scales is not None:
+            y *= p.scales
+        if b is not None:
+            y += b.to(y.dtype)
+        return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
     if rows == out:  # one tile: the product lands in place
         y = F.linear(xc, tile(0, out), b)
         return y if y.dtype == x2.dtype else y.to(x2.dtype)
@@ -355,18 +428,21 @@ def _spmm_tiled(x2: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) ->
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
 
-def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def spmm(
+    x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None, threshold: float | None = None
+) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the packed weight; x ``[..., in]`` float32/bfloat16, result in x's dtype.
 
     Decode-sized x (fewer rows than :func:`prefill_rows`) runs the bitmask kernel, which accumulates in fp32
     whatever the dtypes of x and the values; longer x (prefill) decompresses the weight tile by tile and uses the
     dense matmul on each tile, in the values' precision (bfloat16 values: a bfloat16 matmul, as the dense model).
-    CPU only.
+    ``threshold``: inputs of magnitude at most this count as zero (activation sparsity); in the column layout the
+    decode kernel then never reads their columns. CPU only.
     """
     _check_spmm(x, p, bias)
     out, cols = p.shape
     if _isa == "torch" or out == 0 or cols == 0 or x.numel() == 0:  # (nothing to multiply: no native call)
-        return spmm_reference(x, p, bias)
+        return spmm_reference(x, p, bias, threshold)
     if x.is_contiguous():  # the common case, kept cheap: ~210 calls a token
         x2, stride = x, cols
     else:
@@ -378,8 +454,28 @@ def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> 
         bias = bias.contiguous()
     rows = x.numel() // cols
     if rows >= prefill_rows(_matmul_dtype(x.dtype, p.values.dtype)):
-        return _spmm_tiled(x2.reshape(rows, cols), p, bias).reshape(*x.shape[:-1], out)
+        x2 = threshold_inputs(x2.reshape(rows, cols), threshold)
+        return _spmm_tiled(x2, p, bias).reshape(*x.shape[:-1], out)
     y = torch.empty((*x.shape[:-1], out), dtype=x.dtype)
+    if p.layout == "columns":
+        _native.spmm_columns(
+            *p._args,
+            x2.data_ptr(),
+            stride,
+            rows,
+            _DTYPE_CODE[x.dtype],
+            0 if bias is None else bias.data_ptr(),
+            -1 if bias is None else _DTYPE_CODE[bias.dtype],
+            y.data_ptr(),
+            _ISA_CODE[_isa],
+            _threads if _threads is not None else torch.get_num_threads(),
+            p._scales_ptr,
+            -1.0 if threshold is None else float(threshold),
+        )
+        return y
+    if threshold is not None:
+        x2 = threshold_inputs(x2.reshape(rows, cols), threshold)
+        stride = cols
     _native.spmm(
         *p._args,
         x2.data_ptr(),

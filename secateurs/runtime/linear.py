@@ -36,9 +36,16 @@ class SparseLinear(nn.Module):
     (weight stored [in, out]), so the model can be saved again in the same layout.
     """
 
-    def __init__(self, packed: kernels.PackedWeight, bias: torch.Tensor | None = None, transposed: bool = False):
+    def __init__(
+        self,
+        packed: kernels.PackedWeight,
+        bias: torch.Tensor | None = None,
+        transposed: bool = False,
+        threshold: float | None = None,
+    ):
         super().__init__()
         self.packed = packed
+        self.threshold = threshold  # activation sparsity: inputs with |x| <= threshold count as zero
         self.out_features, self.in_features = packed.shape
         self.transposed = transposed
         if bias is not None and tuple(bias.shape) != (self.out_features,):
@@ -46,15 +53,17 @@ class SparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
-    def from_dense(cls, module: nn.Module, values: str | None = None) -> SparseLinear:
+    def from_dense(cls, module: nn.Module, values: str | None = None, layout: str = "rows") -> SparseLinear:
         """Pack an nn.Linear (or Conv1D) as it is; the weight must be float32 or bfloat16 on the CPU.
-        ``values="int8"`` stores int8 codes with per-row scales (then not bit-identical)."""
+        ``values="int8"`` stores int8 codes with per-row scales (then not bit-identical); ``layout`` see
+        :func:`~secateurs.runtime.kernels.to_layout`."""
         W = weight_view(module).detach()
         bias = None if module.bias is None else module.bias.detach()
-        return cls(kernels.pack(W.contiguous(), values), bias, transposed=not isinstance(module, nn.Linear))
+        packed = kernels.to_layout(kernels.pack(W.contiguous(), values), layout)
+        return cls(packed, bias, transposed=not isinstance(module, nn.Linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.spmm(x, self.packed, self.bias)
+        return kernels.spmm(x, self.packed, self.bias, self.threshold)
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as the replaced layer held it (bit-identical; int8 codes dequantised to float32): [out, in],
@@ -71,9 +80,12 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         p = self.packed
+        extra = "" if p.layout == "rows" else f", layout={p.layout}"
+        if self.threshold is not None:
+            extra += f", threshold={self.threshold:.4g}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"dtype={str(p.dtype).removeprefix('torch.')}, density={p.density:.3f}"
+            f"dtype={str(p.dtype).removeprefix('torch.')}, density={p.density:.3f}{extra}"
         )
 
 
@@ -230,6 +242,8 @@ def load_sparse(
     min_sparsity: float | None = None,
     model: nn.Module | None = None,
     head: str | None = None,
+    activation_sparsity=None,
+    calibration=None,
 ):
     """(model, tokenizer) ready for ``model.generate``, with the sparse linears running on the sparse kernel.
 
@@ -242,10 +256,29 @@ def load_sparse(
     is ``model`` (an instance of the saved class) or, for the models secateurs defines, one rebuilt from the
     folder's architecture record; its sparse Linears run on the kernel, convolutions are unpacked to dense.
     ``head="int8"``: the LM head (and a plain embedding tied to it) held as int8 too, see :func:`int8_head`.
+    ``activation_sparsity``: skip that fraction of each linear's inputs at decode (a number, or a dict of glob
+    pattern to number), thresholds calibrated on ``calibration`` (a :class:`~secateurs.data.calibration.Calibration`;
+    default a few windows of bundled text): see :func:`secateurs.runtime.activation.sparsify_activations`.
     """
     if head not in (None, "int8"):
         raise SecateursError(f"head must be int8 or None, not {head!r}")
     threshold = _threshold(min_sparsity)
+    if activation_sparsity is not None:
+        from secateurs.runtime.activation import check_sparsity
+
+        check_sparsity(activation_sparsity)  # before any loading
+        if loading.is_module_folder(folder):
+            raise SecateursError("activation sparsity needs a language model folder (with a tokenizer)")
+    model, tokenizer = _load_lm(folder, dtype, threshold, threads, model, head)
+    if activation_sparsity is not None:
+        from secateurs.runtime.activation import sparsify_activations
+
+        sparsify_activations(model, activation_sparsity, tokenizer, calibration=calibration, kernel=True)
+    return model, tokenizer
+
+
+def _load_lm(folder, dtype, threshold, threads, model, head):
+    """:func:`load_sparse` without activation sparsity."""
     if threads is not None:
         kernels.set_num_threads(threads)
     if loading.is_module_folder(folder):

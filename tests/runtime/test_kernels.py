@@ -417,3 +417,104 @@ def test_unpack_rows_on_several_threads(threads):
         whole = kernels.unpack(p)
         for r0, r1 in ((0, 300), (17, 283), (299, 300)):
             assert same_bits(kernels.unpack_rows(p, r0, r1), whole[r0:r1])
+
+
+# ---------------------------------------------------------------------------------------------- column layout
+def thresholded(x: torch.Tensor, tau: float | None) -> torch.Tensor:
+    """The inputs the thresholded product must use, restated: |x| <= tau set to zero."""
+    return x if tau is None else torch.where(x.float().abs() <= tau, torch.zeros_like(x), x)
+
+
+@pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("out, cols", [(1, 1), (7, 17), (16, 16), (17, 33), (40, 7), (130, 100)])
+def test_column_layout_round_trips_bit_identically(out, cols, values):
+    dtype = torch.bfloat16 if values == "bfloat16" else torch.float32
+    weight = sparse_weight(out, cols, 0.7, dtype)
+    if out >= 2 and cols >= 2:
+        weight[:, 1] = 0.0  # an empty column
+        weight[0, 0] = -0.0  # stored (non-zero bits)
+    rows = kernels.pack(weight, "int8" if values == "int8" else None)
+    columns = kernels.to_layout(rows, "columns")
+    assert columns.layout == "columns" and columns.stored_shape == (cols, out) and columns.shape == (out, cols)
+    assert columns.nnz == rows.nnz and kernels.to_layout(columns, "columns") is columns
+    assert same_bits(kernels.unpack(columns), kernels.unpack(rows))
+    back = kernels.to_layout(columns, "rows")
+    assert torch.equal(back.mask, rows.mask) and torch.equal(back.values, rows.values)
+    assert torch.equal(back.row_offsets, rows.row_offsets)
+    # the column layout is the row layout of W.T: its mask is that of the transposed weight
+    if values != "int8":
+        assert torch.equal(columns.mask, kernels.pack(weight.t().contiguous()).mask)
+    with pytest.raises(ValueError, match="layout"):
+        kernels.to_layout(rows, "diagonal")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("out, cols", [(1, 1), (7, 17), (16, 16), (17, 33), (37, 53), (300, 129)])
+def test_column_kernel_matches_float64_truth(isa, values, out, cols):
+    """Column layout, with and without a threshold, one and several tokens, bias, every ISA: against float64
+    truth of the thresholded inputs times the weight it holds. Odd shapes: rows not a multiple of 8 or 16, an
+    empty row, an empty column, a full row."""
+    kernels.set_isa(isa)
+    dtype = torch.bfloat16 if values == "bfloat16" else torch.float32
+    weight = sparse_weight(out, cols, 0.7, dtype, seed=out * cols)
+    if cols >= 2:
+        weight[:, 1] = 0.0
+    p = kernels.to_layout(kernels.pack(weight, "int8" if values == "int8" else None), "columns")
+    held = kernels.unpack(p)
+    bias = torch.randn(out)
+    for xdtype in DTYPES:
+        for tokens in (1, 3):
+            x = torch.randn(tokens, cols).to(xdtype)
+            for tau in (None, 0.0, 0.6, 100.0):
+                y = kernels.spmm(x, p, bias.to(xdtype), tau)
+                assert_close_to_truth(y, thresholded(x, tau), held, bias.to(xdtype))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_column_kernel_on_several_threads(threads):
+    """Active columns split over the pool by their stored values, each part summed into its own buffer."""
+    kernels.set_num_threads(threads)
+    for values in (None, "int8"):
+        weight = sparse_weight(576, 1536, 0.7, seed=threads)
+        p = kernels.to_layout(kernels.pack(weight, values), "columns")
+        x = torch.randn(2, 1536)
+        for tau in (None, 0.5, 1.5):
+            assert_close_to_truth(kernels.spmm(x, p, None, tau), thresholded(x, tau), kernels.unpack(p), None)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])
+def test_column_layout_prefill_takes_the_tiled_path(isa, values, monkeypatch):
+    """Many tokens in the column layout: tiles of W.T's rows (W's columns), int8 scales applied per output row."""
+    kernels.set_isa(isa)
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 7 * 22)  # 7 of W's columns a tile
+    dtype = torch.bfloat16 if values == "bfloat16" else torch.float32
+    weight = sparse_weight(22, 40, 0.7, dtype)
+    p = kernels.to_layout(kernels.pack(weight, "int8" if values == "int8" else None), "columns")
+    held = kernels.unpack(p)
+    bias = torch.randn(22)
+    kernels.set_prefill_rows(8)
+    x = torch.randn(50, 40)
+    for tau in (None, 0.5):
+        y = kernels.spmm(x, p, bias, tau)
+        assert_close_to_truth(y, thresholded(x, tau), held, bias)
+    for r0, r1 in ((0, 40), (3, 11)):  # the tiles themselves: W.T's rows, int8 codes unscaled
+        tile = kernels.unpack_rows(p, r0, r1)
+        want = held.t()[r0:r1] if p.scales is None else (held / p.scales[:, None]).t()[r0:r1]
+        torch.testing.assert_close(tile.float(), want.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_row_layout_applies_the_threshold_too():
+    """A threshold is the same maths in either layout (the row layout just cannot skip the reads)."""
+    weight = sparse_weight(33, 47, 0.6)
+    rows = kernels.pack(weight)
+    columns = kernels.to_layout(rows, "columns")
+    x = torch.randn(4, 47)
+    a, b = kernels.spmm(x, rows, None, 0.7), kernels.spmm(x, columns, None, 0.7)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_close_to_truth(a, thresholded(x, 0.7), weight, None)
+    nan = x.clone()
+    nan[0, 3] = float("nan")  # NaN is kept, as in the reference: it reaches the output
+    assert bool(kernels.spmm(nan, columns, None, 0.7)[0].isnan().all())

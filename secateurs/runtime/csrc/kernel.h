@@ -39,4 +39,25 @@ void unpack_scalar(const Problem& p, int64_t r0, int64_t r1, void* dst);
 void unpack_avx2(const Problem& p, int64_t r0, int64_t r1, void* dst);
 void unpack_avx512(const Problem& p, int64_t r0, int64_t r1, void* dst);
 
+// The column layout, for decode with activation sparsity: the packed matrix is W^T (mask [in, ceil(out / 8)], the
+// values column by column, col_offsets [in + 1]), so the weights that meet input j are contiguous. Each kernel
+// adds x_j * W[:, j] into y [out] (fp32, unscaled, no bias) for the active columns active[k0..k1), whose input
+// values are xa[k0..k1): a column whose input was thresholded away is never read.
+struct ColumnProblem {
+    const uint8_t* mask;         // [in, mask_stride]
+    int64_t mask_stride;         // ceil(out / 8)
+    const void* values;          // float32, bfloat16 or int8 codes, column by column, padded
+    int values_type;
+    const int64_t* col_offsets;  // [in + 1]
+    int64_t out;
+    const int32_t* active;       // column indices
+    const float* xa;             // their input values
+    int64_t k0, k1;
+    float* y;                    // [out], accumulated into
+};
+
+void cols_scalar(const ColumnProblem& p);
+void cols_avx2(const ColumnProblem& p);
+void cols_avx512(const ColumnProblem& p);
+
 }  // namespace secateurs

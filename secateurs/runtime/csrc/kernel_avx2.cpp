@@ -165,7 +165,56 @@ void unpack_rows(const Problem& p, int64_t r0, int64_t r1, void* dst) {
     }
 }
 
+// y += x_j * W[:, j] over the active columns, C columns at a time, 8 rows (one mask byte) per step: y is loaded
+// and stored once per C columns, two FMA chains, C position chains side by side.
+template <int C, int VT>
+void column_group(const ColumnProblem& p, int64_t k) {
+    const int64_t full = p.out >> 3;
+    const int rem = static_cast<int>(p.out & 7);
+    __m256 xv[C];
+    const uint8_t* m[C];
+    int64_t pos[C];
+    for (int i = 0; i < C; ++i) {
+        const int64_t j = p.active[k + i];
+        xv[i] = _mm256_set1_ps(p.xa[k + i]);
+        m[i] = p.mask + j * p.mask_stride;
+        pos[i] = p.col_offsets[j];
+    }
+    float* y = p.y;
+    for (int64_t c = 0; c < full; ++c) {
+        __m256 acc[2] = {_mm256_loadu_ps(y + c * 8), _mm256_setzero_ps()};
+        for (int i = 0; i < C; ++i) {
+            const uint32_t byte = m[i][c];
+            acc[i & 1] = _mm256_fmadd_ps(expand8<VT>(p.values, pos[i], byte), xv[i], acc[i & 1]);
+            pos[i] += __builtin_popcount(byte);
+        }
+        _mm256_storeu_ps(y + c * 8, _mm256_add_ps(acc[0], acc[1]));
+    }
+    if (rem) {  // the last few rows, one at a time
+        for (int i = 0; i < C; ++i) {
+            alignas(32) float lanes[8];
+            _mm256_store_ps(lanes, expand8<VT>(p.values, pos[i], m[i][full] & ((1u << rem) - 1)));
+            for (int r = 0; r < rem; ++r) y[full * 8 + r] += lanes[r] * p.xa[k + i];
+        }
+    }
+}
+
+template <int VT>
+void active_columns(const ColumnProblem& p) {
+    int64_t k = p.k0;
+    for (; k + 4 <= p.k1; k += 4) column_group<4, VT>(p, k);
+    for (; k < p.k1; ++k) column_group<1, VT>(p, k);
+}
+
 }  // namespace
+
+void cols_avx2(const ColumnProblem& p) {
+    switch (p.values_type) {
+        case kBF16: active_columns<kBF16>(p); break;
+        case kI8: active_columns<kI8>(p); break;
+        default: active_columns<kF32>(p); break;
+    }
+}
 
 void unpack_avx2(const Problem& p, int64_t r0, int64_t r1, void* dst) {
     switch (p.values_type) {
@@ -195,6 +244,7 @@ void rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
 #include "kernel.h"
 namespace secateurs {
 void rows_avx2(const Problem&, int64_t, int64_t) {}
+void cols_avx2(const ColumnProblem&) {}
 void unpack_avx2(const Problem&, int64_t, int64_t, void*) {}
 }  // namespace secateurs
 #endif

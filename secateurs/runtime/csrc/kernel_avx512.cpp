@@ -165,7 +165,61 @@ void unpack_rows(const Problem& p, int64_t r0, int64_t r1, void* dst) {
     }
 }
 
+// y += x_j * W[:, j] over the active columns, C columns at a time: for each 16-row chunk of y, each column's mask
+// bits expand its next values into place and one FMA adds them, so y is loaded and stored once per C columns and
+// the C position chains run side by side. y stays in L1/L2; the columns' masks and values stream in once.
+template <int C, int VT>
+void column_group(const ColumnProblem& p, int64_t k) {
+    const int64_t full = p.out >> 4;
+    const int rem = static_cast<int>(p.out & 15);
+    __m512 xv[C];
+    const uint8_t* m[C];
+    int64_t pos[C];
+    for (int i = 0; i < C; ++i) {
+        const int64_t j = p.active[k + i];
+        xv[i] = _mm512_set1_ps(p.xa[k + i]);
+        m[i] = p.mask + j * p.mask_stride;
+        pos[i] = p.col_offsets[j];
+    }
+    float* y = p.y;
+    for (int64_t c = 0; c < full; ++c) {
+        __m512 acc[2] = {_mm512_loadu_ps(y + c * 16), _mm512_setzero_ps()};  // two chains of C / 2 FMAs
+        for (int i = 0; i < C; ++i) {
+            const uint32_t bits = bits16(m[i] + 2 * c);
+            acc[i & 1] = _mm512_fmadd_ps(expand16<VT>(p.values, pos[i], static_cast<__mmask16>(bits)), xv[i], acc[i & 1]);
+            pos[i] += __builtin_popcount(bits);
+        }
+        _mm512_storeu_ps(y + c * 16, _mm512_add_ps(acc[0], acc[1]));
+    }
+    if (rem) {
+        const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1);
+        __m512 acc = _mm512_maskz_loadu_ps(tail, y + full * 16);
+        for (int i = 0; i < C; ++i) {
+            uint32_t bits = m[i][2 * full];
+            if (rem > 8) bits |= static_cast<uint32_t>(m[i][2 * full + 1]) << 8;
+            acc = _mm512_fmadd_ps(expand16<VT>(p.values, pos[i], static_cast<__mmask16>(bits) & tail), xv[i], acc);
+        }
+        _mm512_mask_storeu_ps(y + full * 16, tail, acc);
+    }
+}
+
+template <int VT>
+void active_columns(const ColumnProblem& p) {
+    int64_t k = p.k0;
+    for (; k + 8 <= p.k1; k += 8) column_group<8, VT>(p, k);
+    for (; k + 4 <= p.k1; k += 4) column_group<4, VT>(p, k);
+    for (; k < p.k1; ++k) column_group<1, VT>(p, k);
+}
+
 }  // namespace
+
+void cols_avx512(const ColumnProblem& p) {
+    switch (p.values_type) {
+        case kBF16: active_columns<kBF16>(p); break;
+        case kI8: active_columns<kI8>(p); break;
+        default: active_columns<kF32>(p); break;
+    }
+}
 
 void unpack_avx512(const Problem& p, int64_t r0, int64_t r1, void* dst) {
     switch (p.values_type) {
@@ -195,6 +249,7 @@ void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
 #include "kernel.h"
 namespace secateurs {
 void rows_avx512(const Problem&, int64_t, int64_t) {}
+void cols_avx512(const ColumnProblem&) {}
 void unpack_avx512(const Problem&, int64_t, int64_t, void*) {}
 }  // namespace secateurs
 #endif

@@ -8,16 +8,35 @@ namespace {
 
 constexpr int kTokens = 8;  // tokens per block: one pass over a row's values feeds all of them
 
-inline float value_at(const Problem& p, int64_t i) {
-    if (p.values_type == kF32) return static_cast<const float*>(p.values)[i];
-    if (p.values_type == kI8) return static_cast<float>(static_cast<const int8_t*>(p.values)[i]);
-    uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p.values)[i]) << 16;
+inline float value_of(const void* values, int type, int64_t i) {
+    if (type == kF32) return static_cast<const float*>(values)[i];
+    if (type == kI8) return static_cast<float>(static_cast<const int8_t*>(values)[i]);
+    uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(values)[i]) << 16;
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
 
+inline float value_at(const Problem& p, int64_t i) { return value_of(p.values, p.values_type, i); }
+
 }  // namespace
+
+void cols_scalar(const ColumnProblem& p) {
+    const int64_t bytes = (p.out + 7) / 8;
+    for (int64_t k = p.k0; k < p.k1; ++k) {
+        const int64_t j = p.active[k];
+        const float xj = p.xa[k];
+        const uint8_t* m = p.mask + j * p.mask_stride;
+        int64_t pos = p.col_offsets[j];
+        for (int64_t byte = 0; byte < bytes; ++byte) {
+            for (unsigned bits = m[byte]; bits; bits &= bits - 1) {
+                const int64_t o = byte * 8 + __builtin_ctz(bits);
+                const float w = value_of(p.values, p.values_type, pos++);
+                if (o < p.out) p.y[o] += w * xj;
+            }
+        }
+    }
+}
 
 void rows_scalar(const Problem& p, int64_t r0, int64_t r1) {
     for (int64_t t0 = 0; t0 < p.m; t0 += kTokens) {

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <cstdint>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -69,10 +71,30 @@ struct Job {
     uint16_t* y_bf16;  // final output when it is bfloat16 (problem.y is then fp32 scratch)
     char* unpack_dst = nullptr;  // an unpack job: rows written dense here (row r at r * in * unpack_elem bytes)
     int unpack_elem = 4;
+    const ColumnProblem* columns = nullptr;  // a column-layout job: part i adds its active columns into y_parts[i]
+    float* y_parts = nullptr;
+    int64_t y_stride = 0;
     int64_t bounds[kMaxThreads * kChunksPerThread + 1];
 };
 
+void run_columns(const Job& job, int part) {
+    ColumnProblem q = *job.columns;
+    q.k0 = job.bounds[part];
+    q.k1 = job.bounds[part + 1];
+    q.y = job.y_parts + part * job.y_stride;
+    std::memset(q.y, 0, sizeof(float) * q.out);
+    switch (job.isa) {
+        case kAvx512: cols_avx512(q); break;
+        case kAvx2: cols_avx2(q); break;
+        default: cols_scalar(q); break;
+    }
+}
+
 void run_part(const Job& job, int part) {
+    if (job.columns) {
+        run_columns(job, part);
+        return;
+    }
     const int64_t r0 = job.bounds[part], r1 = job.bounds[part + 1];
     if (r0 >= r1) return;
     const Problem& p = job.problem;
@@ -251,9 +273,11 @@ void compute(Job& job, int threads) {
     g_pool->run(job, parts, chunks);
 }
 
-// Scratch kept per calling thread: fp32 copies of bf16 activations / bias, fp32 output before rounding to bf16.
+// Scratch kept per calling thread: fp32 copies of bf16 activations / bias, fp32 output before rounding to bf16;
+// for the column layout the active columns, their inputs and each part's partial output.
 struct Scratch {
-    std::vector<float> x, bias, y;
+    std::vector<float> x, bias, y, xa, y_parts;
+    std::vector<int32_t> active;
 };
 thread_local Scratch t_scratch;
 
@@ -363,6 +387,148 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
+// One token of a column-layout product: the columns whose input survives the threshold, split over the pool by
+// the bytes they hold, each part summed into its own buffer; then y = (sum of parts) * scale + bias.
+void columns_token(ColumnProblem& q, Isa isa, int threads, const int64_t* col_offsets, int64_t in, const float* x,
+                   float tau, const float* scales, const float* bias, float* y_f32, uint16_t* y_bf16, Scratch& s) {
+    int32_t* active = s.active.data();
+    float* xa = s.xa.data();
+    int64_t n = 0, work = 0;
+    for (int64_t j = 0; j < in; ++j) {
+        const float v = x[j];
+        if (!(std::fabs(v) <= tau)) {  // kept: |x| > tau (and NaN, so it propagates as in the reference)
+            active[n] = static_cast<int32_t>(j);
+            xa[n++] = v;
+            work += col_offsets[j + 1] - col_offsets[j];
+        }
+    }
+    const int64_t out = q.out;
+    work += n * (out / 8);
+    q.active = active;
+    q.xa = xa;
+    Job job;
+    job.isa = isa;
+    job.columns = &q;
+    int parts = static_cast<int>(std::min<int64_t>({threads, kMaxThreads, std::max<int64_t>(n, 1),
+                                                    std::max<int64_t>(1, work / kParallelWork)}));
+    std::unique_lock<std::mutex> lock(g_pool_mutex, std::defer_lock);
+    if (parts > 1 && !lock.try_lock()) parts = 1;
+    // each part's buffer 64-byte aligned: a full-vector store that straddles two cache lines costs twice
+    const int64_t stride = (out + 15) & ~int64_t{15};
+    float* base = scratch(s.y_parts, static_cast<size_t>(parts * stride + 16));
+    job.y_parts = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t{63});
+    job.y_stride = stride;
+    job.bounds[0] = 0;
+    if (parts > 1) {  // part boundaries at equal shares of the stored values (plus each column's mask walk)
+        int64_t done = 0, k = 0;
+        for (int i = 1; i < parts; ++i) {
+            const int64_t target = work * i / parts;
+            while (k < n && done < target) {
+                const int64_t j = active[k++];
+                done += col_offsets[j + 1] - col_offsets[j] + out / 8;
+            }
+            job.bounds[i] = k;
+        }
+        job.bounds[parts] = n;
+        if (!g_pool) g_pool = new Pool(g_spin_us);
+        g_pool->run(job, parts, parts);
+    } else {
+        job.bounds[1] = n;
+        run_part(job, 0);
+    }
+    const float* yp = job.y_parts;
+    for (int64_t o = 0; o < out; ++o) {
+        float sum = yp[o];
+        for (int i = 1; i < parts; ++i) sum += yp[i * stride + o];
+        if (scales) sum *= scales[o];
+        if (bias) sum += bias[o];
+        if (y_bf16)
+            y_bf16[o] = float_to_bf16(sum);
+        else
+            y_f32[o] = sum;
+    }
+}
+
+PyObject* py_spmm_columns(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+    // mask, values, values_dtype, col_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, threads,
+    // scales, threshold
+    if (nargs != 17) {
+        PyErr_Format(PyExc_TypeError, "spmm_columns takes 17 arguments, got %zd", nargs);
+        return nullptr;
+    }
+    const void *mask, *values, *offsets, *x, *bias, *y, *scales;
+    int values_dtype, x_dtype, bias_dtype, isa, threads;
+    int64_t out, in, x_stride, m;
+    if (!ptr_arg(args[0], &mask) || !ptr_arg(args[1], &values) || !arg(args[2], &values_dtype) ||
+        !ptr_arg(args[3], &offsets) || !arg(args[4], &out) || !arg(args[5], &in) || !ptr_arg(args[6], &x) ||
+        !arg(args[7], &x_stride) || !arg(args[8], &m) || !arg(args[9], &x_dtype) || !ptr_arg(args[10], &bias) ||
+        !arg(args[11], &bias_dtype) || !ptr_arg(args[12], &y) || !arg(args[13], &isa) || !arg(args[14], &threads) ||
+        !ptr_arg(args[15], &scales))
+        return nullptr;
+    const double tau = PyFloat_AsDouble(args[16]);
+    if (tau == -1.0 && PyErr_Occurred()) return nullptr;
+    if (x_dtype & ~1 || bias_dtype < -1 || bias_dtype > 1 || values_dtype < kF32 || values_dtype > kI8) {
+        PyErr_SetString(PyExc_ValueError,
+                        "dtype codes must be 0 (float32) or 1 (bfloat16); values may also be 2 (int8)");
+        return nullptr;
+    }
+    if ((values_dtype == kI8) != (scales != nullptr)) {
+        PyErr_SetString(PyExc_ValueError, "int8 values need per-row scales, other values none");
+        return nullptr;
+    }
+    if (isa < kScalar || isa > kAvx512 || (isa == kAvx2 && !(kFeatures & 1)) || (isa == kAvx512 && !(kFeatures & 2))) {
+        PyErr_Format(PyExc_ValueError, "ISA code %d is not supported by this CPU", isa);
+        return nullptr;
+    }
+    if (out < 0 || in < 0 || m < 0 || x_stride < in || threads < 1 || in > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad sizes");
+        return nullptr;
+    }
+    if (out == 0 || m == 0) Py_RETURN_NONE;
+    ColumnProblem q;
+    q.mask = static_cast<const uint8_t*>(mask);
+    q.mask_stride = (out + 7) / 8;
+    q.values = values;
+    q.values_type = values_dtype;
+    q.col_offsets = static_cast<const int64_t*>(offsets);
+    q.out = out;
+    bool no_memory = false;
+    Py_BEGIN_ALLOW_THREADS
+    try {
+        Scratch& s = t_scratch;
+        if (s.active.size() < static_cast<size_t>(in)) s.active.resize(in);
+        scratch(s.xa, static_cast<size_t>(in));
+        float* xrow = x_dtype == 1 ? scratch(s.x, static_cast<size_t>(in)) : nullptr;
+        const float* bf = nullptr;
+        if (bias_dtype == 1) {
+            float* b = scratch(s.bias, static_cast<size_t>(out));
+            for (int64_t o = 0; o < out; ++o) b[o] = bf16_to_float(static_cast<const uint16_t*>(bias)[o]);
+            bf = b;
+        } else if (bias_dtype == 0) {
+            bf = static_cast<const float*>(bias);
+        }
+        for (int64_t t = 0; t < m; ++t) {
+            const float* xt;
+            if (x_dtype == 1) {
+                const uint16_t* xh = static_cast<const uint16_t*>(x) + t * x_stride;
+                for (int64_t j = 0; j < in; ++j) xrow[j] = bf16_to_float(xh[j]);
+                xt = xrow;
+            } else {
+                xt = static_cast<const float*>(x) + t * x_stride;
+            }
+            float* yf = x_dtype == 1 ? nullptr : static_cast<float*>(const_cast<void*>(y)) + t * out;
+            uint16_t* yh = x_dtype == 1 ? static_cast<uint16_t*>(const_cast<void*>(y)) + t * out : nullptr;
+            columns_token(q, static_cast<Isa>(isa), threads, q.col_offsets, in, xt, static_cast<float>(tau),
+                          static_cast<const float*>(scales), bf, yf, yh, s);
+        }
+    } catch (const std::bad_alloc&) {
+        no_memory = true;
+    }
+    Py_END_ALLOW_THREADS
+    if (no_memory) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 PyObject* py_unpack(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     // mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa, threads
     if (nargs != 12) {
@@ -438,6 +604,10 @@ PyMethodDef kMethods[] = {
      "spmm(mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, "
      "threads, scales): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, codes); "
      "values_dtype 2 (int8) takes per-row float32 scales, else scales is 0."},
+    {"spmm_columns", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_spmm_columns)), METH_FASTCALL,
+     "spmm_columns(mask, values, values_dtype, col_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, "
+     "isa, threads, scales, threshold): y = x' @ W.T (+ bias) for a weight packed column by column (W^T's rows), "
+     "where x' keeps the inputs with |x| > threshold; the columns of the others are never read."},
     {"unpack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_unpack)), METH_FASTCALL,
      "unpack(mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa, threads): rows [r0, r1) of "
      "a packed weight written dense into dst (float32; bfloat16 for bfloat16 values), on the kernel's threads."},
