@@ -34,7 +34,7 @@ from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
 from secateurs.models import PRUNABLE, weight_view
 from secateurs.runtime import kernels
-from secateurs.runtime.linear import SparseLinear, _replace
+from secateurs.runtime.modules import SparseLinear, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def sparsify_activations(
                 module.packed = kernels.to_layout(module.packed, "columns")
             else:
                 module = SparseLinear.from_dense(module, layout="columns")
-                _replace(model, name, module)
+                replace_module(model, name, module)
             module.threshold = tau
         else:
             module.register_forward_pre_hook(_threshold_hook(tau))

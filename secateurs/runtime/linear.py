@@ -21,72 +21,13 @@ from secateurs.format.bits import pack_mask, quantize_rows, stored_bits, stored_
 from secateurs.format.sparse import PACKABLE_DTYPES
 from secateurs.models import decoder_linears, load_model, weight_view
 from secateurs.runtime import kernels
+from secateurs.runtime.modules import SparseLinear, replace_module
 
 log = logging.getLogger(__name__)
 
 # Below this sparsity a linear stays dense at run time: the bitmask kernel reads fewer bytes than a dense
 # matmul only when enough weights are gone, and dense BLAS is hard to beat at low sparsity.
 DEFAULT_MIN_SPARSITY = 0.3
-
-
-class SparseLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W [out, in]`` held as a :class:`~secateurs.runtime.kernels.PackedWeight`.
-
-    Inference only (no gradients). ``transposed`` records that the layer it replaced was a GPT-2 style Conv1D
-    (weight stored [in, out]), so the model can be saved again in the same layout.
-    """
-
-    def __init__(
-        self,
-        packed: kernels.PackedWeight,
-        bias: torch.Tensor | None = None,
-        transposed: bool = False,
-        threshold: float | None = None,
-    ):
-        super().__init__()
-        self.packed = packed
-        self.threshold = threshold  # activation sparsity: inputs with |x| <= threshold count as zero
-        self.out_features, self.in_features = packed.shape
-        self.transposed = transposed
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias shape {tuple(bias.shape)} does not match {self.out_features} outputs")
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-
-    @classmethod
-    def from_dense(cls, module: nn.Module, values: str | None = None, layout: str = "rows") -> SparseLinear:
-        """Pack an nn.Linear (or Conv1D) as it is; the weight must be float32 or bfloat16 on the CPU.
-        ``values="int8"`` stores int8 codes with per-row scales (then not bit-identical); ``layout`` see
-        :func:`~secateurs.runtime.kernels.to_layout`."""
-        W = weight_view(module).detach()
-        bias = None if module.bias is None else module.bias.detach()
-        packed = kernels.to_layout(kernels.pack(W.contiguous(), values), layout)
-        return cls(packed, bias, transposed=not isinstance(module, nn.Linear))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.spmm(x, self.packed, self.bias, self.threshold)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weight as the replaced layer held it (bit-identical; int8 codes dequantised to float32): [out, in],
-        or [in, out] for a Conv1D."""
-        W = kernels.unpack(self.packed)
-        return W.t().contiguous() if self.transposed else W
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the layer keeps in memory for its weight (mask, values with padding, row offsets)."""
-        p = self.packed
-        scales = 0 if p.scales is None else p.scales.numel() * 4
-        return p.mask.numel() + p.values.numel() * p.values.element_size() + p.row_offsets.numel() * 8 + scales
-
-    def extra_repr(self) -> str:
-        p = self.packed
-        extra = "" if p.layout == "rows" else f", layout={p.layout}"
-        if self.threshold is not None:
-            extra += f", threshold={self.threshold:.4g}"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"dtype={str(p.dtype).removeprefix('torch.')}, density={p.density:.3f}{extra}"
-        )
 
 
 class Int8Embedding(nn.Module):
@@ -153,11 +94,6 @@ def int8_head(model: nn.Module) -> dict:
     return out
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner), attr, module)
-
-
 def _threshold(min_sparsity: float | None) -> float:
     value = DEFAULT_MIN_SPARSITY if min_sparsity is None else float(min_sparsity)
     if not 0 <= value <= 1:
@@ -191,7 +127,7 @@ def to_sparse_linears(
         summary["converted"] += 1
         summary["dense_bytes"] += W.numel() * W.element_size()
         summary["sparse_bytes"] += sparse.nbytes
-        _replace(model, name, sparse)
+        replace_module(model, name, sparse)
     log.info(
         "sparse linears: %d (%.1f MB -> %.1f MB of weights), %d left dense",
         summary["converted"],
@@ -228,7 +164,7 @@ def _load_module(folder, model, dtype, threshold):
             weight = kernels.from_parts(p.mask, p.values, p.shape, p.scales)
         except ValueError as exc:
             raise SecateursError(f"{folder}: cannot run {name} on the sparse kernel: {exc}") from None
-        _replace(model, name, SparseLinear(weight, module.bias, False))
+        replace_module(model, name, SparseLinear(weight, module.bias, False))
         converted += 1
     log.info("loaded %s: %d sparse linears, %d packed weights unpacked", folder, converted, len(packed) - converted)
     return loading.check_loaded(model)
@@ -300,7 +236,7 @@ def _load_lm(folder, dtype, threshold, threads, model, head):
             weight = kernels.from_parts(p.mask, p.values, p.shape, p.scales)
         except ValueError as exc:
             raise SecateursError(f"{folder}: cannot run {name} on the sparse kernel: {exc}") from None
-        _replace(model, name, SparseLinear(weight, getattr(module, "bias", None), p.transposed))
+        replace_module(model, name, SparseLinear(weight, getattr(module, "bias", None), p.transposed))
         converted += 1
     log.info("loaded %s: %d sparse linears, %d packed ones unpacked", folder, converted, len(packed) - converted)
     model = loading.check_loaded(model)
