@@ -173,6 +173,8 @@ def sparsify_activations(
     linears = activation_linears(model)
     if not linears:
         raise SecateursError("the model has no linear layers to threshold")
+    if getattr(model, "_secateurs_activation_sparsity", None) is not None:
+        raise SecateursError("the model's activations are already thresholded: load it afresh to choose again")
     wanted = targets(list(linears), sparsity)
     if windows is None:
         if tokenizer is None:
@@ -207,6 +209,7 @@ def sparsify_activations(
             module.threshold = tau
         else:
             module.register_forward_pre_hook(_threshold_hook(tau))
+    model._secateurs_activation_sparsity = sparsity
     summary = {
         "target": sparsity,
         "linears": len(thresholds),

@@ -111,6 +111,9 @@ def test_hooks_and_kernel_give_the_same_model():
     sa = sparsify_activations(a, 0.5, windows=WINDOWS, kernel=True)
     sb = sparsify_activations(b, 0.5, windows=WINDOWS, kernel=False)
     assert sa["thresholds"] == sb["thresholds"] and not sb["kernel"]
+    for done in (a, b):  # a second call would threshold twice (or calibrate on thresholded inputs): refused
+        with pytest.raises(SecateursError, match="already thresholded"):
+            sparsify_activations(done, 0.3, windows=WINDOWS)
     assert not any(isinstance(m, SparseLinear) for m in b.modules())
     ids = torch.randint(0, 128, (1, 16))
     with torch.no_grad():
