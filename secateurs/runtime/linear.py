@@ -199,6 +199,8 @@ def load_sparse(
     if head not in (None, "int8"):
         raise SecateursError(f"head must be int8 or None, not {head!r}")
     threshold = _threshold(min_sparsity)
+    if head and loading.is_module_folder(folder):
+        raise SecateursError(f"{folder} holds a plain module, not a language model: it has no LM head to store int8")
     if activation_sparsity is not None:
         from secateurs.runtime.activation import check_sparsity
 

@@ -48,6 +48,9 @@ def test_mlp_round_trip_runs_on_the_kernel(tmp_path):
         assert torch.equal(plain.state_dict()[key], value), key  # bit-identical
     fast, _ = secateurs.load_sparse(tmp_path / "mlp")
     assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == 3
+    for refused, match in (({"head": "int8"}, "no LM head"), ({"activation_sparsity": 0.4}, "language model")):
+        with pytest.raises(secateurs.SecateursError, match=match):
+            secateurs.load_sparse(tmp_path / "mlp", **refused)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
 
