@@ -198,15 +198,20 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def check_seqlen(model: nn.Module, seqlen: int) -> None:
-    """Refuse windows longer than the model's position limit (it would fail deep inside the forward)."""
+def position_limit(model: nn.Module) -> int | None:
+    """The most positions the model takes (from its config), or None when it does not say."""
     config = getattr(model, "config", None)
-    limit = None
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         limit = getattr(config, attr, None) if config is not None else None
         if isinstance(limit, int):
-            break
-    if isinstance(limit, int) and seqlen > limit:
+            return limit
+    return None
+
+
+def check_seqlen(model: nn.Module, seqlen: int) -> None:
+    """Refuse windows longer than the model's position limit (it would fail deep inside the forward)."""
+    limit = position_limit(model)
+    if limit is not None and seqlen > limit:
         raise SecateursError(f"seqlen {seqlen} exceeds the model's maximum of {limit} positions")
 
 

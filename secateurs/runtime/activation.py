@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
-from secateurs.models import PRUNABLE, weight_view
+from secateurs.models import PRUNABLE, position_limit, weight_view
 from secateurs.runtime import kernels
 from secateurs.runtime.modules import SparseLinear, replace_module
 
@@ -180,7 +180,7 @@ def sparsify_activations(
         if tokenizer is None:
             raise SecateursError("calibrating activation thresholds needs a tokenizer or token windows")
         if calibration is None:  # the default, no longer than the model's positions
-            limit = _position_limit(model)
+            limit = position_limit(model)
             seqlen = DEFAULT_CALIBRATION.seqlen if limit is None else min(DEFAULT_CALIBRATION.seqlen, limit)
             calibration = Calibration(DEFAULT_CALIBRATION.source, DEFAULT_CALIBRATION.nsamples, seqlen)
         windows = calibration.windows(tokenizer)
@@ -225,15 +225,6 @@ def sparsify_activations(
         100 * measured,
     )
     return summary
-
-
-def _position_limit(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        limit = getattr(config, attr, None)
-        if isinstance(limit, int):
-            return limit
-    return None
 
 
 def _threshold_hook(tau: float):

@@ -456,31 +456,14 @@ def spmm(
     if rows >= prefill_rows(_matmul_dtype(x.dtype, p.values.dtype)):
         x2 = threshold_inputs(x2.reshape(rows, cols), threshold)
         return _spmm_tiled(x2, p, bias).reshape(*x.shape[:-1], out)
+    if threshold is not None and p.layout == "rows":  # the row kernel reads every column: threshold x first
+        x2, stride, threshold = threshold_inputs(x2.reshape(rows, cols), threshold), cols, None
     y = torch.empty((*x.shape[:-1], out), dtype=x.dtype)
-    if p.layout == "columns":
-        _native.spmm_columns(
-            *p._args,
-            x2.data_ptr(),
-            stride,
-            rows,
-            _DTYPE_CODE[x.dtype],
-            0 if bias is None else bias.data_ptr(),
-            -1 if bias is None else _DTYPE_CODE[bias.dtype],
-            y.data_ptr(),
-            _ISA_CODE[_isa],
-            _threads if _threads is not None else torch.get_num_threads(),
-            p._scales_ptr,
-            -1.0 if threshold is None else float(threshold),
-        )
-        return y
-    if threshold is not None:
-        x2 = threshold_inputs(x2.reshape(rows, cols), threshold)
-        stride = cols
-    _native.spmm(
+    args = (
         *p._args,
         x2.data_ptr(),
         stride,
-        x.numel() // cols,
+        rows,
         _DTYPE_CODE[x.dtype],
         0 if bias is None else bias.data_ptr(),
         -1 if bias is None else _DTYPE_CODE[bias.dtype],
@@ -489,4 +472,8 @@ def spmm(
         _threads if _threads is not None else torch.get_num_threads(),
         p._scales_ptr,
     )
+    if p.layout == "columns":
+        _native.spmm_columns(*args, -1.0 if threshold is None else float(threshold))
+    else:
+        _native.spmm(*args)
     return y

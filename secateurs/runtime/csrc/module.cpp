@@ -300,6 +300,51 @@ bool ptr_arg(PyObject* o, const void** out) {
     return !PyErr_Occurred();
 }
 
+// The 16 arguments spmm and spmm_columns share, read and checked once: false with a Python error set.
+struct SpmmArgs {
+    const void *mask, *values, *offsets, *x, *bias, *y, *scales;
+    int values_dtype, x_dtype, bias_dtype, isa, threads;
+    int64_t out, in, x_stride, m;
+};
+
+bool spmm_args(PyObject* const* args, SpmmArgs& a) {
+    if (!ptr_arg(args[0], &a.mask) || !ptr_arg(args[1], &a.values) || !arg(args[2], &a.values_dtype) ||
+        !ptr_arg(args[3], &a.offsets) || !arg(args[4], &a.out) || !arg(args[5], &a.in) || !ptr_arg(args[6], &a.x) ||
+        !arg(args[7], &a.x_stride) || !arg(args[8], &a.m) || !arg(args[9], &a.x_dtype) ||
+        !ptr_arg(args[10], &a.bias) || !arg(args[11], &a.bias_dtype) || !ptr_arg(args[12], &a.y) ||
+        !arg(args[13], &a.isa) || !arg(args[14], &a.threads) || !ptr_arg(args[15], &a.scales))
+        return false;
+    if (a.x_dtype & ~1 || a.bias_dtype < -1 || a.bias_dtype > 1 || a.values_dtype < kF32 || a.values_dtype > kI8) {
+        PyErr_SetString(PyExc_ValueError,
+                        "dtype codes must be 0 (float32) or 1 (bfloat16); values may also be 2 (int8)");
+        return false;
+    }
+    if ((a.values_dtype == kI8) != (a.scales != nullptr)) {
+        PyErr_SetString(PyExc_ValueError, "int8 values need per-row scales, other values none");
+        return false;
+    }
+    const int isa = a.isa;
+    if (isa < kScalar || isa > kAvx512 || (isa == kAvx2 && !(kFeatures & 1)) || (isa == kAvx512 && !(kFeatures & 2))) {
+        PyErr_Format(PyExc_ValueError, "ISA code %d is not supported by this CPU", isa);
+        return false;
+    }
+    if (a.out < 0 || a.in < 0 || a.m < 0 || a.x_stride < a.in || a.threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad sizes");
+        return false;
+    }
+    return true;
+}
+
+// The bias as fp32: itself, a widened copy in the thread's scratch (bfloat16), or null (none).
+const float* fp32_bias(const SpmmArgs& a, Scratch& s) {
+    if (a.bias_dtype == 1) {
+        float* b = scratch(s.bias, static_cast<size_t>(a.out));
+        for (int64_t o = 0; o < a.out; ++o) b[o] = bf16_to_float(static_cast<const uint16_t*>(a.bias)[o]);
+        return b;
+    }
+    return a.bias_dtype == 0 ? static_cast<const float*>(a.bias) : nullptr;
+}
+
 PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     // mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, threads,
     // scales
@@ -307,32 +352,11 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         PyErr_Format(PyExc_TypeError, "spmm takes 16 integer arguments, got %zd", nargs);
         return nullptr;
     }
-    const void *mask, *values, *offsets, *x, *bias, *y, *scales;
-    int values_dtype, x_dtype, bias_dtype, isa, threads;
-    int64_t out, in, x_stride, m;
-    if (!ptr_arg(args[0], &mask) || !ptr_arg(args[1], &values) || !arg(args[2], &values_dtype) ||
-        !ptr_arg(args[3], &offsets) || !arg(args[4], &out) || !arg(args[5], &in) || !ptr_arg(args[6], &x) ||
-        !arg(args[7], &x_stride) || !arg(args[8], &m) || !arg(args[9], &x_dtype) || !ptr_arg(args[10], &bias) ||
-        !arg(args[11], &bias_dtype) || !ptr_arg(args[12], &y) || !arg(args[13], &isa) || !arg(args[14], &threads) ||
-        !ptr_arg(args[15], &scales))
-        return nullptr;
-    if (x_dtype & ~1 || bias_dtype < -1 || bias_dtype > 1 || values_dtype < kF32 || values_dtype > kI8) {
-        PyErr_SetString(PyExc_ValueError,
-                        "dtype codes must be 0 (float32) or 1 (bfloat16); values may also be 2 (int8)");
-        return nullptr;
-    }
-    if ((values_dtype == kI8) != (scales != nullptr)) {
-        PyErr_SetString(PyExc_ValueError, "int8 values need per-row scales, other values none");
-        return nullptr;
-    }
-    if (isa < kScalar || isa > kAvx512 || (isa == kAvx2 && !(kFeatures & 1)) || (isa == kAvx512 && !(kFeatures & 2))) {
-        PyErr_Format(PyExc_ValueError, "ISA code %d is not supported by this CPU", isa);
-        return nullptr;
-    }
-    if (out < 0 || in < 0 || m < 0 || x_stride < in || threads < 1) {
-        PyErr_SetString(PyExc_ValueError, "bad sizes");
-        return nullptr;
-    }
+    SpmmArgs a;
+    if (!spmm_args(args, a)) return nullptr;
+    const void *mask = a.mask, *values = a.values, *offsets = a.offsets, *x = a.x, *y = a.y, *scales = a.scales;
+    const int values_dtype = a.values_dtype, x_dtype = a.x_dtype, isa = a.isa, threads = a.threads;
+    const int64_t out = a.out, in = a.in, x_stride = a.x_stride, m = a.m;
     if (out == 0 || m == 0) Py_RETURN_NONE;
 
     Job job;
@@ -363,13 +387,7 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         p.x = static_cast<const float*>(x);
         p.x_stride = x_stride;
     }
-    if (bias_dtype == 1) {
-        float* bf = scratch(s.bias, static_cast<size_t>(out));
-        for (int64_t o = 0; o < out; ++o) bf[o] = bf16_to_float(static_cast<const uint16_t*>(bias)[o]);
-        p.bias = bf;
-    } else {
-        p.bias = bias_dtype == 0 ? static_cast<const float*>(bias) : nullptr;
-    }
+    p.bias = fp32_bias(a, s);
     if (x_dtype == 1) {
         p.y = scratch(s.y, static_cast<size_t>(m * out));
         job.y_bf16 = static_cast<uint16_t*>(const_cast<void*>(y));
@@ -456,31 +474,14 @@ PyObject* py_spmm_columns(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         PyErr_Format(PyExc_TypeError, "spmm_columns takes 17 arguments, got %zd", nargs);
         return nullptr;
     }
-    const void *mask, *values, *offsets, *x, *bias, *y, *scales;
-    int values_dtype, x_dtype, bias_dtype, isa, threads;
-    int64_t out, in, x_stride, m;
-    if (!ptr_arg(args[0], &mask) || !ptr_arg(args[1], &values) || !arg(args[2], &values_dtype) ||
-        !ptr_arg(args[3], &offsets) || !arg(args[4], &out) || !arg(args[5], &in) || !ptr_arg(args[6], &x) ||
-        !arg(args[7], &x_stride) || !arg(args[8], &m) || !arg(args[9], &x_dtype) || !ptr_arg(args[10], &bias) ||
-        !arg(args[11], &bias_dtype) || !ptr_arg(args[12], &y) || !arg(args[13], &isa) || !arg(args[14], &threads) ||
-        !ptr_arg(args[15], &scales))
-        return nullptr;
+    SpmmArgs a;
+    if (!spmm_args(args, a)) return nullptr;
+    const void *mask = a.mask, *values = a.values, *offsets = a.offsets, *x = a.x, *y = a.y, *scales = a.scales;
+    const int values_dtype = a.values_dtype, x_dtype = a.x_dtype, isa = a.isa, threads = a.threads;
+    const int64_t out = a.out, in = a.in, x_stride = a.x_stride, m = a.m;
     const double tau = PyFloat_AsDouble(args[16]);
     if (tau == -1.0 && PyErr_Occurred()) return nullptr;
-    if (x_dtype & ~1 || bias_dtype < -1 || bias_dtype > 1 || values_dtype < kF32 || values_dtype > kI8) {
-        PyErr_SetString(PyExc_ValueError,
-                        "dtype codes must be 0 (float32) or 1 (bfloat16); values may also be 2 (int8)");
-        return nullptr;
-    }
-    if ((values_dtype == kI8) != (scales != nullptr)) {
-        PyErr_SetString(PyExc_ValueError, "int8 values need per-row scales, other values none");
-        return nullptr;
-    }
-    if (isa < kScalar || isa > kAvx512 || (isa == kAvx2 && !(kFeatures & 1)) || (isa == kAvx512 && !(kFeatures & 2))) {
-        PyErr_Format(PyExc_ValueError, "ISA code %d is not supported by this CPU", isa);
-        return nullptr;
-    }
-    if (out < 0 || in < 0 || m < 0 || x_stride < in || threads < 1 || in > INT32_MAX) {
+    if (in > INT32_MAX) {  // column indices are int32
         PyErr_SetString(PyExc_ValueError, "bad sizes");
         return nullptr;
     }
@@ -499,14 +500,7 @@ PyObject* py_spmm_columns(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         if (s.active.size() < static_cast<size_t>(in)) s.active.resize(in);
         scratch(s.xa, static_cast<size_t>(in));
         float* xrow = x_dtype == 1 ? scratch(s.x, static_cast<size_t>(in)) : nullptr;
-        const float* bf = nullptr;
-        if (bias_dtype == 1) {
-            float* b = scratch(s.bias, static_cast<size_t>(out));
-            for (int64_t o = 0; o < out; ++o) b[o] = bf16_to_float(static_cast<const uint16_t*>(bias)[o]);
-            bf = b;
-        } else if (bias_dtype == 0) {
-            bf = static_cast<const float*>(bias);
-        }
+        const float* bf = fp32_bias(a, s);
         for (int64_t t = 0; t < m; ++t) {
             const float* xt;
             if (x_dtype == 1) {
