@@ -47,9 +47,10 @@ def _int8(model) -> bool:
 def _load_pair(
     folder: Path, dtype, device: torch.device, min_sparsity: float | None, dense_dtype=None, head=None, activation=None
 ):
-    """(sparse model, dense model, tokenizer, rss added by each, conversion summary). ``dense_dtype``: the dense
-    model's dtype (default: the sparse one's; bfloat16 against int8 values). ``activation``: the sparse model's
-    activation sparsity."""
+    """(models by name, tokenizer, rss added by each, conversion summary); the models are ``dense`` and ``sparse``,
+    and with ``activation`` (the sparse model's activation sparsity) also ``weights_only``, the same sparse weights
+    without it. ``dense_dtype``: the dense model's dtype (default: the sparse one's; bfloat16 against int8
+    values)."""
 
     def dense_load(want=None):
         if loading.is_sparse_folder(folder):
