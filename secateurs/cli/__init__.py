@@ -6,6 +6,8 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 
@@ -74,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_tasks(p)
     add_stage_settings(p)
     p.add_argument("--output", "-o", default=None, metavar="DIR", help="where to save the pruned model")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty output folder (and start a stopped run again)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run stopped while writing --output (its finished layers are kept in OUTPUT.resume/), "
+        "with the result an uninterrupted run gives; a different recipe, model or calibration is refused",
+    )
     p.add_argument(
         "--save-format",
         choices=["hf", "sparse", "sparse-int8"],
@@ -158,14 +168,23 @@ def cmd_prune(args) -> dict:
     from secateurs.checkpoint import check_output, save_pruned
     from secateurs.data.calibration import Calibration
     from secateurs.models import default_device, load_model
+    from secateurs.oneshot.distributed import join_from_environment
     from secateurs.oneshot.prune import check_recipe, prune
 
     recipe = recipe_from_args(args)
     calibration = Calibration(args.calibration, args.nsamples, args.seqlen, args.seed)
-    device = default_device(args.device)
+    ranks, device = join_from_environment(default_device(args.device))
+    if not ranks.main:  # rank 0 speaks, evaluates and writes; the others prune their share of the windows
+        logging.getLogger("secateurs").setLevel(logging.WARNING)
+        args.quiet, args.eval, args.tasks = True, None, None
     output = check_output(args.output, args.overwrite) if args.output else None
     if output is None:
         log.warning("no --output: the pruned model will not be saved")
+        if args.resume:
+            raise SecateursError("--resume needs the --output of the stopped run")
+    progress_dir = output.with_name(output.name + ".resume") if output else None
+    if progress_dir and args.overwrite and not args.resume and ranks.main and progress_dir.exists():
+        shutil.rmtree(progress_dir)
     do_eval = args.eval and args.eval.lower() != "none"
     # fail on a bad source now, not after minutes of work
     if recipe.needs_calibration:
@@ -198,7 +217,18 @@ def cmd_prune(args) -> dict:
         calibration.seqlen,
         calibration.seed,
     )
-    report = prune(model, recipe, calibration, tokenizer=tokenizer, device=device, progress=not args.quiet)
+    report = prune(
+        model,
+        recipe,
+        calibration,
+        tokenizer=tokenizer,
+        device=device,
+        progress=not args.quiet,
+        checkpoint=progress_dir,
+        resume=args.resume,
+    )
+    if ranks.several:
+        log.info("pruned on %d processes (%s)", ranks.world, torch.distributed.get_backend())
     log.info(
         "pruned in %.1f s: sparsity %.4f over %d linears", report.prune_seconds, report.sparsity, len(report.linears)
     )
@@ -221,7 +251,7 @@ def cmd_prune(args) -> dict:
         else None,
         "output": str(output) if output else None,
     }
-    if output:
+    if output and ranks.main:
         model.to(torch.device("cpu"))
         save_pruned(
             model,
@@ -233,6 +263,7 @@ def cmd_prune(args) -> dict:
             masks=report.mask_tensors(),
         )
         log.info("saved to %s", output)
+        shutil.rmtree(progress_dir, ignore_errors=True)
     if dense and pruned:
         log.info(
             "perplexity %.3f -> %.3f (%s, %s), %.1f s of pruning",
@@ -300,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("secateurs: error: out of memory", file=sys.stderr)
         return 1
-    if args.json:
+    finally:
+        if "torch.distributed" in sys.modules:
+            from secateurs.oneshot.distributed import leave
+
+            leave()
+    if args.json and os.environ.get("RANK", "0") == "0":
         print(json.dumps(result, indent=2))
     return 0
 

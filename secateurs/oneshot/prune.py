@@ -6,6 +6,7 @@ import fnmatch
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,8 +17,10 @@ from secateurs.errors import SecateursError
 from secateurs.measure import PeakMemory
 from secateurs.models import check_seqlen, default_device, find_layers, find_linears, weight_view
 from secateurs.oneshot.allocations.table import Table
+from secateurs.oneshot.distributed import Ranks, _digest
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.result import PruneReport
+from secateurs.oneshot.resume import RunState, model_fingerprint
 from secateurs.oneshot.select import nm_per_layer
 from secateurs.oneshot.stage import Target
 from secateurs.oneshot.walk import LinearStages, dense_walk, prunable_linears, walk
@@ -110,6 +113,26 @@ def calibration_windows(model, recipe: Recipe, calibration, tokenizer) -> tuple[
     return windows, meta
 
 
+def _open_state(checkpoint, resume: bool, identity: dict, ranks: Ranks) -> RunState | None:
+    """Rank 0 opens the run's folder (refusing another run's, naming the difference); every rank learns the outcome."""
+    if checkpoint is None:
+        if resume:
+            raise SecateursError("resume needs the folder of the stopped run (checkpoint=... / --output)")
+        return None
+    state = RunState(checkpoint, identity, write=ranks.main)
+    outcome = None
+    if ranks.main:
+        try:
+            state.open(resume)
+            outcome = (state.done, state.allocation, None)
+        except SecateursError as exc:
+            outcome = (0, None, str(exc))
+    state.done, state.allocation, error = ranks.broadcast(outcome)
+    if error:
+        raise SecateursError(error)
+    return state
+
+
 def prune(
     model: nn.Module,
     recipe: Recipe | str | dict = "wanda",
@@ -119,17 +142,41 @@ def prune(
     device: str | torch.device | None = "auto",
     track_error: bool = True,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place, layer by layer, and report what was done (the masks included, packed).
 
     ``calibration`` is either a :class:`Calibration` (needs ``tokenizer``), a LongTensor of token windows
     [nsamples, seqlen], or None for the bundled default text (magnitude pruning needs no data).
+
+    ``checkpoint``: a folder where every finished decoder layer is saved; with ``resume``, a run stopped there
+    (Ctrl-C, a kill, a crash) continues after its last finished layer, with the result an uninterrupted run gives
+    (:mod:`secateurs.oneshot.resume`). The folder is kept; remove it once the model is saved.
+
+    Under an initialised torch.distributed process group every rank calls this with the same arguments: each runs
+    its share of the windows, the statistics are summed over the ranks, and every rank ends with the same model
+    (:mod:`secateurs.oneshot.distributed`); only rank 0 writes the checkpoint.
     """
     recipe = as_recipe(recipe)
     device = default_device(device) if not isinstance(device, torch.device) else device
+    ranks = Ranks.current()
+    progress = progress and ranks.main
     check_recipe(model, recipe)
-    warn_unused_exclusions(model, recipe)
+    if ranks.main:
+        warn_unused_exclusions(model, recipe)
     windows, calib_meta = calibration_windows(model, recipe, calibration, tokenizer)
+    fingerprint = model_fingerprint(model)
+    identity = {
+        "recipe": recipe.to_dict(),
+        "calibration window": _digest(windows) if windows is not None else None,
+        "model": fingerprint,
+        "device type": device.type,
+    }
+    ranks.check_same(**identity)
+    state = _open_state(checkpoint, resume, identity, ranks)
+    if windows is not None and ranks.several:
+        windows = windows[ranks.share(len(windows))]
     layers_name, layers = find_layers(model)
     layer_names = [f"{layers_name}.{i}" for i in range(len(layers))]
     allocation = recipe.allocation
@@ -138,17 +185,23 @@ def prune(
     was_training = model.training
     model.eval()  # no dropout while collecting statistics
     with PeakMemory() as mem:
-        if allocation.needs:
-            measures = dense_walk(
-                model,
-                windows,
-                device,
-                lambda index, weights, stats: allocation.measure(weights, stats),
-                wanted=allocation.needs,
-                skip=recipe.excluded,
-                progress=progress,
-            )
-        sparsities = allocation.allocate(recipe.sparsity, layer_names, measures)
+        if state is not None and state.allocation is not None:
+            sparsities, measures = state.allocation["sparsities"], state.allocation["measures"]
+        else:
+            if allocation.needs:
+                measures = dense_walk(
+                    model,
+                    windows,
+                    device,
+                    lambda index, weights, stats: allocation.measure(weights, stats),
+                    wanted=allocation.needs,
+                    skip=recipe.excluded,
+                    progress=progress,
+                    ranks=ranks,
+                )
+            sparsities = allocation.allocate(recipe.sparsity, layer_names, measures)
+            if state is not None:
+                state.save_allocation(sparsities, measures)
         results, masks = walk(
             model,
             LinearStages(recipe.method, recipe.refine, recipe.update),
@@ -158,6 +211,8 @@ def prune(
             skip=recipe.excluded,
             track_error=track_error,
             progress=progress,
+            ranks=ranks,
+            state=state,
         )
     model.train(was_training)
     seconds = time.perf_counter() - start

@@ -1,6 +1,9 @@
 """Input statistics of a linear over the calibration tokens: sums, so they add across batches and processes.
 
-Which sums are kept is decided by the stages of the recipe (their ``needs``); counts are always kept.
+Which sums are kept is decided by the stages of the recipe (their ``needs``); counts are always kept. Each window's
+contribution is computed in fp32 and added into fp64 totals, which :meth:`InputStats.finish` rounds to fp32 once all
+windows (of every process) are in: the order in which windows are added, or processes summed, then leaves no trace
+in the fp32 sums the stages read, so several processes compute the masks one process would.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ class InputStats:
     x_sum: torch.Tensor | None = None  # sum x_j, [cols]
 
     def add(self, x: torch.Tensor, wanted: Iterable[str]) -> None:
-        """Add one window's (or batch's) inputs [..., cols]; ``wanted`` names the sums to keep."""
+        """Add one window's (or batch's) inputs [..., cols]; ``wanted`` names the sums to keep (fp64 until
+        :meth:`finish`)."""
         wanted = set(wanted)
         self.nsamples += x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, x.shape[-1]).float()
@@ -36,6 +40,16 @@ class InputStats:
         if MEAN in wanted:
             self.x_sum = _plus(self.x_sum, x.sum(0))
 
+    def sums(self) -> dict[str, torch.Tensor | None]:
+        return {name: getattr(self, name) for name in STATISTICS}
+
+    def finish(self) -> InputStats:
+        """Round the fp64 totals to the fp32 sums the stages read (once every window is in)."""
+        for name, total in self.sums().items():
+            if total is not None and total.dtype == torch.float64:
+                setattr(self, name, total.float())
+        return self
+
     def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-feature mean and (population) variance over all tokens (needs the sums of x and x^2)."""
         mean = self.x_sum / self.ntokens
@@ -43,7 +57,7 @@ class InputStats:
 
 
 def _plus(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    return value if total is None else total + value
+    return value.double() if total is None else total.add_(value)
 
 
 def check_statistics(names: Iterable[str]) -> frozenset[str]:

@@ -6,6 +6,10 @@
    weight update), run the inputs again through the now sparse layer to produce the next layer's inputs, move it
    back, free the statistics.
 
+On several processes (:mod:`secateurs.oneshot.distributed`) each runs its share of the windows and the statistics are
+summed over them before any stage runs. With a :class:`~secateurs.oneshot.resume.RunState`, every finished layer is
+saved, and a stopped run continues after the last one (:mod:`secateurs.oneshot.resume`).
+
 The walk never asks which method it runs: it reads each stage's ``needs`` and calls its one function.
 """
 
@@ -22,6 +26,8 @@ from tqdm.auto import tqdm
 
 from secateurs.models import find_layers, find_linears, weight_view
 from secateurs.oneshot.capture import capture, layer_output
+from secateurs.oneshot.distributed import Ranks
+from secateurs.oneshot.resume import RunState, restore_rng
 from secateurs.oneshot.result import LayerResult, LinearResult, PackedMask
 from secateurs.oneshot.stage import Pruner, Refiner, StageOutput, Target, Update
 from secateurs.oneshot.stats import InputStats, StatsCollector
@@ -51,8 +57,9 @@ def prunable_linears(layer: nn.Module, prefix: str, skip: Callable[[str], bool])
     return {n: m for n, m in find_linears(layer).items() if not skip(f"{prefix}.{n}")}
 
 
-def _run_collecting(layer, linears, hidden, calls, wanted, keep_outputs: bool):
-    """Run every window through ``layer`` with hooks summing the ``wanted`` statistics of each linear's inputs."""
+def _run_collecting(layer, linears, hidden, calls, wanted, keep_outputs: bool, ranks: Ranks):
+    """Run every window through ``layer`` with hooks summing the ``wanted`` statistics of each linear's inputs; the
+    sums are then summed over the ranks and rounded to fp32."""
     stats = {n: InputStats() for n in linears}
     collector = StatsCollector(stats, wanted)
     hooks = [m.register_forward_hook(collector.hook(n)) for n, m in linears.items()]
@@ -66,6 +73,10 @@ def _run_collecting(layer, linears, hidden, calls, wanted, keep_outputs: bool):
     finally:
         for hook in hooks:
             hook.remove()
+    distinct = {id(s): (s, weight_view(linears[n]).shape[1]) for n, s in stats.items()}  # shared inputs: once
+    ranks.sum_stats(distinct.values())
+    for s, _ in distinct.values():
+        s.finish()
     return stats, outputs
 
 
@@ -118,12 +129,14 @@ def dense_walk(
     wanted: frozenset[str],
     skip: Callable[[str], bool] = lambda name: False,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> list:
     """One pass through the dense model: ``per_layer(index, weights, stats)`` for each decoder layer.
 
     ``weights`` maps each prunable linear of the layer to its weight [rows, cols]; ``stats`` holds the ``wanted``
     sums of its inputs, from the dense model's own activations (nothing is pruned), e.g. for OWL's outlier ratios.
     """
+    ranks = ranks or Ranks.current()
     layers_name, layers = find_layers(model)
     hidden, calls = capture(model, calibration, device, progress)
     results = []
@@ -132,7 +145,7 @@ def dense_walk(
         home = next(layer.parameters()).device
         layer.to(device)
         linears = prunable_linears(layer, f"{layers_name}.{index}", skip)
-        stats, hidden = _run_collecting(layer, linears, hidden, calls[index], wanted, keep_outputs=True)
+        stats, hidden = _run_collecting(layer, linears, hidden, calls[index], wanted, True, ranks)
         calls[index] = None
         results.append(per_layer(index, {n: weight_view(m) for n, m in linears.items()}, stats))
         layer.to(home)
@@ -150,16 +163,27 @@ def walk(
     skip: Callable[[str], bool] = lambda name: False,
     track_error: bool = True,
     progress: bool = True,
+    ranks: Ranks | None = None,
+    state: RunState | None = None,
 ) -> tuple[list[LayerResult], dict[str, PackedMask]]:
-    """Prune every decoder layer in order, layer ``i`` to ``targets[i]``; return the results and the masks."""
+    """Prune every decoder layer in order, layer ``i`` to ``targets[i]``; return the results and the masks.
+
+    ``calibration`` holds this rank's share of the windows; ``state`` (if given) records each finished layer, and
+    the layers it already holds are restored rather than pruned again.
+    """
+    ranks = ranks or Ranks.current()
     layers_name, layers = find_layers(model)
     if len(targets) != len(layers):
         raise ValueError(f"{len(targets)} layer targets for {len(layers)} layers")
     wanted = stages.needs
+    hidden = calls = None
     if wanted:
         hidden, calls = capture(model, calibration, device, progress)
     results, masks = [], {}
-    bar = tqdm(range(len(layers)), desc=f"{stages.label} pruning layers", disable=not progress)
+    first = 0
+    if state is not None and state.done:
+        first = _restore(layers, layers_name, skip, state, ranks, device, hidden, calls, results, masks, progress)
+    bar = tqdm(range(first, len(layers)), desc=f"{stages.label} pruning layers", disable=not progress)
     for index in bar:
         start = time.perf_counter()
         layer = layers[index]
@@ -169,7 +193,7 @@ def walk(
         stats: dict[str, InputStats] = {}
         dense_out = []
         if wanted:
-            stats, dense_out = _run_collecting(layer, linears, hidden, calls[index], wanted, track_error)
+            stats, dense_out = _run_collecting(layer, linears, hidden, calls[index], wanted, track_error, ranks)
         target = targets[index]
         target_sparsity = target.nm.sparsity if target.nm else target.sparsity
         linear_results = []
@@ -203,14 +227,41 @@ def walk(
                     den += ref.pow(2).sum().item()
                 hidden[j] = out
             calls[index] = None
+            num, den = ranks.sum_floats(num, den)
             error = num / den if track_error and den > 0 else None
         layer.to(home)
         del dense_out, stats
-        results.append(
-            LayerResult(
-                index, f"{layers_name}.{index}", target_sparsity, error, time.perf_counter() - start, linear_results
-            )
+        result = LayerResult(
+            index, f"{layers_name}.{index}", target_sparsity, error, time.perf_counter() - start, linear_results
         )
+        results.append(result)
+        if state is not None:
+            prefix = f"{layers_name}.{index}"
+            weights = {f"{prefix}.{n}": weight_view(m) for n, m in linears.items()}
+            state.save_layer(index, weights, {n: masks[n] for n in weights}, result)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results, masks
+
+
+def _restore(layers, layers_name, skip, state: RunState, ranks: Ranks, device, hidden, calls, results, masks, progress):
+    """Put back the layers a stopped run finished (rank 0 reads them and sends them to the others) and recompute
+    the hidden states entering the next layer through them; returns the index of the first layer left to prune."""
+    rng = {}
+    for index in tqdm(range(state.done), desc="restoring finished layers", disable=not progress):
+        layer = layers[index]
+        prefix = f"{layers_name}.{index}"
+        weights, layer_masks, result, rng = ranks.broadcast(state.load_layer(index) if ranks.main else None)
+        home = next(layer.parameters()).device
+        for name, module in prunable_linears(layer, prefix, skip).items():
+            weight_view(module).copy_(weights[f"{prefix}.{name}"])
+        masks.update(layer_masks)
+        results.append(result)
+        if hidden is not None:
+            layer.to(device)
+            for j, call in enumerate(calls[index]):
+                hidden[j] = layer_output(call(layer, hidden[j]))
+            calls[index] = None
+            layer.to(home)
+    restore_rng(rng)
+    return state.done

@@ -286,9 +286,11 @@ def test_linears_fed_the_same_input_share_statistics():
     assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
     assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
     assert stats["mlp.down_proj"] is not stats["mlp.up_proj"]
+    assert all(s.sq_norm.dtype == s.H_sum.dtype == torch.float64 for s in stats.values())  # until all are in
     for name, seen in inputs.items():
         X = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
         assert stats[name].nsamples == 3
+        stats[name].finish()
         torch.testing.assert_close(stats[name].sq_norm, (X**2).sum(0))
         torch.testing.assert_close(stats[name].H_sum, X.t() @ X)
 
