@@ -116,7 +116,10 @@ class RunState:
             tensors["rng.cpu"] = torch.get_rng_state()
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 tensors["rng.cuda"] = torch.cuda.get_rng_state()
-            meta = {"result": json.dumps(asdict(result)), "mask_shapes": json.dumps({n: m.shape for n, m in masks.items()})}
+            meta = {
+                "result": json.dumps(asdict(result)),
+                "mask_shapes": json.dumps({n: m.shape for n, m in masks.items()}),
+            }
             path = self.directory / layer_file(index)
             tmp = path.with_name(path.name + ".tmp")
             save_file(tensors, str(tmp), metadata=meta)
@@ -136,7 +139,9 @@ class RunState:
             _sync(tmp)
             os.replace(tmp, self.directory / STATE)
         except OSError as exc:
-            raise SecateursError(f"cannot write the run's progress in {self.directory}: {exc.strerror or exc}") from None
+            raise SecateursError(
+                f"cannot write the run's progress in {self.directory}: {exc.strerror or exc}"
+            ) from None
 
     # --- loading ---------------------------------------------------------------------------------------------
     def load_layer(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, PackedMask], LayerResult, dict]:

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from secateurs.models import find_layers, find_linears, weight_view
 from secateurs.oneshot.capture import capture, layer_output
 from secateurs.oneshot.distributed import Ranks
-from secateurs.oneshot.resume import RunState, restore_rng
 from secateurs.oneshot.result import LayerResult, LinearResult, PackedMask
+from secateurs.oneshot.resume import RunState, restore_rng
 from secateurs.oneshot.stage import Pruner, Refiner, StageOutput, Target, Update
 from secateurs.oneshot.stats import InputStats, StatsCollector
 
