@@ -23,7 +23,7 @@ from secateurs.oneshot.result import PruneReport
 from secateurs.oneshot.resume import RunState, model_fingerprint
 from secateurs.oneshot.select import nm_per_layer
 from secateurs.oneshot.stage import Target
-from secateurs.oneshot.walk import LinearStages, dense_walk, prunable_linears, walk
+from secateurs.oneshot.walk import InMemory, LinearStages, dense_walk, prunable_linears, walk
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def prune(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    residence: InMemory | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, layer by layer, and report what was done (the masks included, packed).
 
@@ -157,6 +158,9 @@ def prune(
     Under an initialised torch.distributed process group every rank calls this with the same arguments: each runs
     its share of the windows, the statistics are summed over the ranks, and every rank ends with the same model
     (:mod:`secateurs.oneshot.distributed`); only rank 0 writes the checkpoint.
+
+    ``residence``: where the walk finds the decoder layers (in the model by default; streamed from and to disk by
+    :func:`secateurs.oneshot.streaming.prune_folder`).
     """
     recipe = as_recipe(recipe)
     device = default_device(device) if not isinstance(device, torch.device) else device
@@ -198,6 +202,7 @@ def prune(
                     skip=recipe.excluded,
                     progress=progress,
                     ranks=ranks,
+                    residence=residence,
                 )
             sparsities = allocation.allocate(recipe.sparsity, layer_names, measures)
             if state is not None:
@@ -213,6 +218,7 @@ def prune(
             progress=progress,
             ranks=ranks,
             state=state,
+            residence=residence,
         )
     model.train(was_training)
     seconds = time.perf_counter() - start

@@ -52,6 +52,21 @@ class LinearStages:
         return " + ".join(s.name for s in (self.pruner, self.refiner, self.update) if s is not None)
 
 
+class InMemory:
+    """Where the walk finds decoder layers by default: in the model, moved to the compute device for their turn and
+    back afterwards. (:class:`secateurs.oneshot.streaming.Streamed` reads and writes them from disk instead.)"""
+
+    def prepare(self, layers: nn.ModuleList) -> None:
+        pass
+
+    def enter(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        self.home = next(layer.parameters()).device
+        layer.to(device)
+
+    def leave(self, index: int, layer: nn.Module, final: bool) -> None:
+        layer.to(self.home)
+
+
 def prunable_linears(layer: nn.Module, prefix: str, skip: Callable[[str], bool]) -> dict[str, nn.Module]:
     """The linears of one decoder layer (names relative to it) whose full name ``prefix.name`` is not skipped."""
     return {n: m for n, m in find_linears(layer).items() if not skip(f"{prefix}.{n}")}
@@ -130,25 +145,26 @@ def dense_walk(
     skip: Callable[[str], bool] = lambda name: False,
     progress: bool = True,
     ranks: Ranks | None = None,
+    residence: InMemory | None = None,
 ) -> list:
     """One pass through the dense model: ``per_layer(index, weights, stats)`` for each decoder layer.
 
     ``weights`` maps each prunable linear of the layer to its weight [rows, cols]; ``stats`` holds the ``wanted``
     sums of its inputs, from the dense model's own activations (nothing is pruned), e.g. for OWL's outlier ratios.
     """
-    ranks = ranks or Ranks.current()
+    ranks, residence = ranks or Ranks.current(), residence or InMemory()
     layers_name, layers = find_layers(model)
+    residence.prepare(layers)
     hidden, calls = capture(model, calibration, device, progress)
     results = []
     for index in tqdm(range(len(layers)), desc="dense statistics", disable=not progress):
         layer = layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
+        residence.enter(index, layer, device)
         linears = prunable_linears(layer, f"{layers_name}.{index}", skip)
         stats, hidden = _run_collecting(layer, linears, hidden, calls[index], wanted, True, ranks)
         calls[index] = None
         results.append(per_layer(index, {n: weight_view(m) for n, m in linears.items()}, stats))
-        layer.to(home)
+        residence.leave(index, layer, final=False)
     return results
 
 
@@ -165,30 +181,31 @@ def walk(
     progress: bool = True,
     ranks: Ranks | None = None,
     state: RunState | None = None,
+    residence: InMemory | None = None,
 ) -> tuple[list[LayerResult], dict[str, PackedMask]]:
     """Prune every decoder layer in order, layer ``i`` to ``targets[i]``; return the results and the masks.
 
     ``calibration`` holds this rank's share of the windows; ``state`` (if given) records each finished layer, and
     the layers it already holds are restored rather than pruned again.
     """
-    ranks = ranks or Ranks.current()
+    ranks, residence = ranks or Ranks.current(), residence or InMemory()
     layers_name, layers = find_layers(model)
     if len(targets) != len(layers):
         raise ValueError(f"{len(targets)} layer targets for {len(layers)} layers")
     wanted = stages.needs
     hidden = calls = None
     if wanted:
+        residence.prepare(layers)
         hidden, calls = capture(model, calibration, device, progress)
     results, masks = [], {}
     first = 0
     if state is not None and state.done:
-        first = _restore(layers, layers_name, skip, state, ranks, device, hidden, calls, results, masks, progress)
+        first = _restore(layers, layers_name, skip, state, ranks, residence, device, (hidden, calls), results, masks)
     bar = tqdm(range(first, len(layers)), desc=f"{stages.label} pruning layers", disable=not progress)
     for index in bar:
         start = time.perf_counter()
         layer = layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
+        residence.enter(index, layer, device)
         linears = prunable_linears(layer, f"{layers_name}.{index}", skip)
         stats: dict[str, InputStats] = {}
         dense_out = []
@@ -229,7 +246,6 @@ def walk(
             calls[index] = None
             num, den = ranks.sum_floats(num, den)
             error = num / den if track_error and den > 0 else None
-        layer.to(home)
         del dense_out, stats
         result = LayerResult(
             index, f"{layers_name}.{index}", target_sparsity, error, time.perf_counter() - start, linear_results
@@ -239,29 +255,30 @@ def walk(
             prefix = f"{layers_name}.{index}"
             weights = {f"{prefix}.{n}": weight_view(m) for n, m in linears.items()}
             state.save_layer(index, weights, {n: masks[n] for n in weights}, result)
+        residence.leave(index, layer, final=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results, masks
 
 
-def _restore(layers, layers_name, skip, state: RunState, ranks: Ranks, device, hidden, calls, results, masks, progress):
+def _restore(layers, layers_name, skip, state: RunState, ranks: Ranks, residence, device, inputs, results, masks):
     """Put back the layers a stopped run finished (rank 0 reads them and sends them to the others) and recompute
     the hidden states entering the next layer through them; returns the index of the first layer left to prune."""
+    hidden, calls = inputs
     rng = {}
-    for index in tqdm(range(state.done), desc="restoring finished layers", disable=not progress):
+    for index in tqdm(range(state.done), desc="restoring finished layers", disable=not ranks.main):
         layer = layers[index]
         prefix = f"{layers_name}.{index}"
         weights, layer_masks, result, rng = ranks.broadcast(state.load_layer(index) if ranks.main else None)
-        home = next(layer.parameters()).device
+        residence.enter(index, layer, device)
         for name, module in prunable_linears(layer, prefix, skip).items():
             weight_view(module).copy_(weights[f"{prefix}.{name}"])
         masks.update(layer_masks)
         results.append(result)
         if hidden is not None:
-            layer.to(device)
             for j, call in enumerate(calls[index]):
                 hidden[j] = layer_output(call(layer, hidden[j]))
             calls[index] = None
-            layer.to(home)
+        residence.leave(index, layer, final=True)
     restore_rng(rng)
     return state.done

@@ -1,0 +1,252 @@
+"""Pruning a model bigger than memory: each decoder layer is read from the safetensors shards when the walk reaches
+it and written to the output shards as soon as it is pruned.
+
+The model is built as a skeleton without weights (accelerate's empty-weight init: parameters on the meta device),
+the embeddings, final norm and LM head are read in, and the walk does the rest through a :class:`Streamed`
+residence: a layer's tensors are read from their shard on entering, and on leaving (once pruned) written to the
+output folder as one shard of its own, then dropped. Peak memory is one decoder layer, its statistics, the
+calibration hidden states and the embeddings and head, whatever the depth. The output is a normal sharded
+Hugging Face folder (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+
+Streaming reads checkpoints whose tensor names are the model's own (what ``save_pretrained`` writes for
+LLaMA-style models); a checkpoint that transformers renames or fuses on loading is refused with the first name
+that does not match (load it in memory instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import psutil
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from secateurs.errors import SecateursError
+from secateurs.format.folder import REPORT_NAME, AtomicFolder
+from secateurs.format.masks import MASKS_NAME, save_masks
+from secateurs.models import find_layers
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# stream when the weights take more than this fraction of the memory that is free
+AUTO_FRACTION = 0.7
+
+
+class Shards:
+    """The tensors of a folder's safetensors files, by name; each read on demand (checked when opened)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise SecateursError(f"cannot read {index}: {exc}") from None
+        elif (self.folder / SINGLE).is_file():
+            weight_map = None
+        else:
+            raise SecateursError(
+                f"{self.folder} has no safetensors weights ({SINGLE} or {INDEX}): streaming reads them"
+            )
+        files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+        self.handles, self.location = {}, {}
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise SecateursError(f"shard {path} named by {INDEX} is missing")
+            try:
+                handle = safe_open(str(path), framework="pt")
+                keys = set(handle.keys())
+            except (SafetensorError, OSError) as exc:
+                raise SecateursError(f"shard {path} is damaged or truncated ({exc})") from None
+            self.handles[name] = handle
+            for key in keys:
+                self.location[key] = name
+        for key, name in (weight_map or {}).items():
+            if self.location.get(key) != name:
+                raise SecateursError(f"{INDEX} names tensor {key} in {name}, which does not hold it")
+
+    @property
+    def nbytes(self) -> int:
+        return sum((self.folder / name).stat().st_size for name in self.handles)
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            return self.handles[self.location[name]].get_tensor(name)
+        except SafetensorError as exc:
+            raise SecateursError(f"cannot read {name} from {self.location[name]}: {exc}") from None
+
+
+def should_stream(folder: str | Path) -> bool:
+    """Whether a folder's weights would not fit comfortably in the memory that is free now."""
+    try:
+        size = Shards(folder).nbytes
+    except SecateursError:
+        return False
+    free = psutil.virtual_memory().available
+    return size > AUTO_FRACTION * free
+
+
+def open_streamed(folder: str | Path, dtype="auto") -> tuple[nn.Module, object, Shards]:
+    """(skeleton model with everything but its decoder layers loaded, tokenizer, shards) of a local HF folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    shards = Shards(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    layers_name, _ = find_layers(model)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    for name in tensor_names(model):
+        if name not in shards.location and name not in tied:
+            sample = next(iter(shards.location), "nothing")
+            raise SecateursError(
+                f"{folder}: the checkpoint has no tensor {name} (it names tensors like {sample}); streaming needs "
+                "the model's own tensor names: prune it in memory (without --low-memory)"
+            )
+    for name in tensor_names(model):
+        if not name.startswith(f"{layers_name}.") and name in shards.location:
+            _assign(model, name, shards.read(name), dtype)
+    model.tie_weights()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith(f"{layers_name}.") and tensor.device.type == "meta":
+            raise SecateursError(f"{folder}: {name} is neither in the checkpoint nor tied to a tensor that is")
+    return model, AutoTokenizer.from_pretrained(folder), shards
+
+
+def tensor_names(module: nn.Module) -> list[str]:
+    """What a checkpoint of ``module`` holds: its parameters and persistent buffers (tied ones once)."""
+    return list(module.state_dict(keep_vars=True))
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+    if value.is_floating_point():
+        value = value.to(dtype)
+    set_module_tensor_to_device(model, name, "cpu", value=value)
+
+
+class Streamed:
+    """Where the walk finds and leaves decoder layers when the model is streamed: read from ``shards`` on entering,
+    written (by the writing rank) into ``folder`` as one output shard per layer on leaving a pruning pass, then
+    dropped back to the meta device."""
+
+    def __init__(self, model: nn.Module, shards: Shards, folder: str | Path | None, *, write: bool = True):
+        self.model, self.shards = model, shards
+        self.folder = Path(folder) if folder is not None else None
+        self.write = write and self.folder is not None
+        self.layers_name, layers = find_layers(model)
+        self.total = len(layers) + 1  # one shard per decoder layer, one for the rest
+        self.dtype = next(p.dtype for p in model.parameters() if p.device.type != "meta" and p.is_floating_point())
+        self.weight_map: dict[str, str] = {}
+        self.written = 0
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.total:05d}.safetensors"
+
+    def prepare(self, layers: nn.ModuleList) -> None:
+        """Before the capture pass, which runs the first layer once."""
+        self._materialize(0)
+
+    def enter(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        self._materialize(index)
+        layer.to(device)
+
+    def leave(self, index: int, layer: nn.Module, final: bool) -> None:
+        prefix = f"{self.layers_name}.{index}."
+        if final and self.write:
+            tensors = {prefix + n: t.detach().to("cpu").contiguous() for n, t in layer.state_dict().items()}
+            name = self.shard_name(index + 1)
+            save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
+            self.weight_map.update(dict.fromkeys(tensors, name))
+            self.written += sum(t.numel() * t.element_size() for t in tensors.values())
+        layer.to("meta")
+
+    def _materialize(self, index: int) -> None:
+        _, layers = find_layers(self.model)
+        if all(t.device.type != "meta" for t in layers[index].state_dict().values()):
+            return
+        prefix = f"{self.layers_name}.{index}."
+        for name in tensor_names(layers[index]):
+            _assign(self.model, prefix + name, self.shards.read(prefix + name), self.dtype)
+
+    def finish(self) -> None:
+        """Write the tensors outside the decoder layers and the index (once every layer is written)."""
+        if not self.write:
+            return
+        state = self.model.state_dict()
+        seen, rest = set(), {}
+        for name, tensor in state.items():
+            if name.startswith(f"{self.layers_name}.") or name in self.weight_map:
+                continue
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key in seen:  # tied (e.g. lm_head and embeddings): written once, as save_pretrained does
+                continue
+            seen.add(key)
+            rest[name] = tensor.detach().to("cpu").contiguous()
+        name = self.shard_name(self.total)
+        save_file(rest, str(self.folder / name), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(rest, name))
+        self.written += sum(t.numel() * t.element_size() for t in rest.values())
+        index = {"metadata": {"total_size": self.written}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def check_disk(output: Path, needed: int, what: str) -> None:
+    """Refuse, before the walk, an output whose file system has less room than ``needed`` bytes."""
+    base = output
+    while not base.exists():
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    if free < needed:
+        raise SecateursError(
+            f"not enough disk for {what}: about {needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free in {base}"
+        )
+
+
+class StreamedOutput:
+    """``with StreamedOutput(...) as residence:`` prune with ``residence``, then :meth:`save`: the output folder is
+    written into a temporary folder beside it and renamed into place only when complete (only rank 0 writes)."""
+
+    def __init__(self, model, shards: Shards, tokenizer, output: str | Path, *, overwrite=False, write=True):
+        self.model, self.shards, self.tokenizer, self.write = model, shards, tokenizer, write
+        self.atomic = AtomicFolder(output, overwrite) if write else None
+        if write:
+            check_disk(self.atomic.path.parent, int(shards.nbytes * 1.02) + (1 << 20), "the pruned model")
+
+    def __enter__(self) -> Streamed:
+        tmp = self.atomic.__enter__() if self.write else None
+        self.residence = Streamed(self.model, self.shards, tmp, write=self.write)
+        return self.residence
+
+    def save(self, report: dict | None, masks: dict[str, torch.Tensor] | None) -> None:
+        if not self.write:
+            return
+        tmp = self.residence.folder
+        self.residence.finish()
+        self.model.config.save_pretrained(tmp)
+        generation = self.shards.folder / "generation_config.json"
+        if generation.is_file():
+            shutil.copyfile(generation, tmp / generation.name)
+        self.tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        if masks is not None:
+            save_masks(tmp / MASKS_NAME, masks)
+
+    def __exit__(self, *exc):
+        return self.atomic.__exit__(*exc) if self.write else False

@@ -1,0 +1,90 @@
+"""Streaming a model from its shards, layer by layer, prunes it exactly as in memory and writes a normal folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TOKENIZER_VOCAB, save_tiny_model_dir
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+import secateurs
+from secateurs.oneshot.streaming import INDEX, Shards, StreamedOutput, open_streamed
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tiny LLaMA saved in several shards (and its tokenizer)."""
+    folder = tmp_path_factory.mktemp("sharded") / "llama"
+    save_tiny_model_dir(folder, "llama")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size="40KB")
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    assert len(json.loads((folder / INDEX).read_text())["weight_map"]) > 0
+    return folder
+
+
+def windows():
+    torch.manual_seed(5)
+    return torch.randint(0, TOKENIZER_VOCAB, (3, 16))
+
+
+@pytest.mark.parametrize("recipe", ["wanda", {"method": "sparsegpt", "sparsity": 0.6, "allocation": "owl"}])
+def test_streamed_prune_equals_the_in_memory_one(sharded, tmp_path, recipe):
+    memory = AutoModelForCausalLM.from_pretrained(sharded).eval()
+    expected = secateurs.prune(memory, recipe, windows(), device="cpu", progress=False)
+
+    model, tokenizer, shards = open_streamed(sharded)
+    layers = model.model.layers
+    assert all(p.device.type == "meta" for p in layers.parameters())  # nothing of the layers is read yet
+    out = tmp_path / "out"
+    output = StreamedOutput(model, shards, tokenizer, out)
+    with output as residence:
+        report = secateurs.prune(model, recipe, windows(), device="cpu", progress=False, residence=residence)
+        output.save({"recipe": report.recipe}, report.mask_tensors())
+    assert all(p.device.type == "meta" for p in layers.parameters())  # and every layer is dropped again
+    assert {n: m.digest() for n, m in report.masks.items()} == {n: m.digest() for n, m in expected.masks.items()}
+
+    files = sorted(p.name for p in out.iterdir())
+    assert [f for f in files if f.startswith("model-")] == [f"model-{i:05d}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+    assert {"config.json", INDEX, "report.json", "masks.safetensors", "tokenizer.json"} <= set(files)
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    for name, tensor in memory.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids = windows()[:1]
+    torch.testing.assert_close(loaded(ids).logits, memory(ids).logits, rtol=0, atol=0)
+
+
+def test_damaged_shards_are_refused_before_any_work(sharded, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded, broken)
+    index = json.loads((broken / INDEX).read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (broken / first).write_bytes((broken / first).read_bytes()[:100])
+    with pytest.raises(secateurs.SecateursError, match=f"shard .*{first} is damaged or truncated"):
+        Shards(broken)
+    (broken / first).unlink()
+    with pytest.raises(secateurs.SecateursError, match=f"shard .*{first} named by .* is missing"):
+        Shards(broken)
+    shutil.copyfile(sharded / first, broken / first)
+    with safe_open(str(sharded / first), "pt") as f:
+        holds = set(f.keys())
+    elsewhere = next(k for k in index["weight_map"] if k not in holds)
+    index["weight_map"][elsewhere] = first
+    (broken / INDEX).write_text(json.dumps(index))
+    with pytest.raises(secateurs.SecateursError, match=f"names tensor {elsewhere} in {first}, which does not hold it"):
+        Shards(broken)
+
+
+def test_a_checkpoint_with_other_tensor_names_is_refused(tmp_path):
+    folder = save_tiny_model_dir(tmp_path / "m", "llama")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    save_file(
+        {f"renamed.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors")
+    )
+    with pytest.raises(secateurs.SecateursError, match="the checkpoint has no tensor model.embed_tokens.weight"):
+        open_streamed(folder)
