@@ -148,6 +148,17 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "auto"):
     return model, tokenizer, desc
 
 
+def resolve_folder(spec: str) -> Path | None:
+    """The local Hugging Face folder of safetensors weights a model spec names (the default's converted copy
+    included), or None for a .gguf file, a compact sparse folder or a hub id."""
+    if spec in _SMOLLM2_ALIASES:
+        return _smollm2_folder()
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").exists() and not loading.is_sparse_folder(path):
+        return path
+    return None
+
+
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder-layer list: the ModuleList of identical blocks that holds the most parameters."""
     best, best_size = None, 0

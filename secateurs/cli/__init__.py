@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a non-empty output folder (and start a stopped run again)"
     )
     p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="stream the model from its safetensors shards one decoder layer at a time and write each as it is "
+        "pruned (chosen by itself when the weights would not fit in the free memory); writes a sharded HF folder",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run stopped while writing --output (its finished layers are kept in OUTPUT.resume/), "
@@ -162,7 +168,29 @@ def _zero_shot(model, tokenizer, args, label: str):
     return result
 
 
+def _streamed_folder(args):
+    """The local folder to stream layer by layer (--low-memory, or weights larger than the free memory), or None."""
+    from pathlib import Path
+
+    from secateurs.models import resolve_folder
+    from secateurs.oneshot.streaming import should_stream
+
+    folder = resolve_folder(args.model)
+    if args.low_memory:
+        if folder is None:
+            raise SecateursError(
+                f"--low-memory streams a local Hugging Face folder of safetensors shards; {args.model} is not one"
+            )
+        return folder
+    if folder is not None and should_stream(folder):
+        log.info("%s would not fit in the free memory: streaming it layer by layer (as with --low-memory)", folder)
+        return Path(folder)
+    return None
+
+
 def cmd_prune(args) -> dict:
+    import contextlib
+
     import torch
 
     from secateurs.checkpoint import check_output, save_pruned
@@ -185,6 +213,18 @@ def cmd_prune(args) -> dict:
     progress_dir = output.with_name(output.name + ".resume") if output else None
     if progress_dir and args.overwrite and not args.resume and ranks.main and progress_dir.exists():
         shutil.rmtree(progress_dir)
+    streamed = _streamed_folder(args)
+    if streamed is not None:
+        if args.save_format != "hf":
+            raise SecateursError(
+                f"a streamed prune writes a Hugging Face folder (--save-format hf), not {args.save_format}: "
+                "compress the output afterwards on a machine that holds it"
+            )
+        if output is None:
+            raise SecateursError("a streamed prune writes each layer as it goes: it needs --output")
+        if args.eval and args.eval.lower() != "none" or args.tasks:
+            log.warning("a streamed model is not evaluated here: run `secateurs eval` on the output")
+            args.eval, args.tasks = None, None
     do_eval = args.eval and args.eval.lower() != "none"
     # fail on a bad source now, not after minutes of work
     if recipe.needs_calibration:
@@ -198,10 +238,18 @@ def cmd_prune(args) -> dict:
 
     log.info("loading %s", args.model)
     t0 = time.perf_counter()
-    model, tokenizer, model_desc = load_model(args.model, args.dtype)
+    writing = contextlib.nullcontext()
+    if streamed is not None:
+        from secateurs.oneshot.streaming import StreamedOutput, open_streamed
+
+        model, tokenizer, shards = open_streamed(streamed, args.dtype)
+        model_desc = f"{args.model} (streamed from {streamed})"
+        writing = StreamedOutput(model, shards, tokenizer, output, overwrite=args.overwrite, write=ranks.main)
+    else:
+        model, tokenizer, model_desc = load_model(args.model, args.dtype)
     log.info("loaded in %.1f s: %s, %s", time.perf_counter() - t0, type(model).__name__, model.dtype)
     check_recipe(model, recipe)  # N:M widths and the like: before any forward pass
-    if device.type == "cuda":
+    if device.type == "cuda" and streamed is None:
         model.to(device)
     if recipe.needs_calibration:
         calibration.windows(tokenizer)
@@ -217,51 +265,60 @@ def cmd_prune(args) -> dict:
         calibration.seqlen,
         calibration.seed,
     )
-    report = prune(
-        model,
-        recipe,
-        calibration,
-        tokenizer=tokenizer,
-        device=device,
-        progress=not args.quiet,
-        checkpoint=progress_dir,
-        resume=args.resume,
-    )
-    if ranks.several:
-        log.info("pruned on %d processes (%s)", ranks.world, torch.distributed.get_backend())
-    log.info(
-        "pruned in %.1f s: sparsity %.4f over %d linears", report.prune_seconds, report.sparsity, len(report.linears)
-    )
-    pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None
-    pruned_acc = _zero_shot(model, tokenizer, args, "pruned") if args.tasks else None
-
-    out = {
-        "model": model_desc,
-        "dtype": str(model.dtype).replace("torch.", ""),
-        **report.to_dict(),
-        "perplexity": {
-            "dense": dense.to_dict() if dense else None,
-            "pruned": pruned.to_dict() if pruned else None,
-        },
-        "zero_shot": {
-            "dense": dense_acc.to_dict() if dense_acc else None,
-            "pruned": pruned_acc.to_dict() if pruned_acc else None,
-        }
-        if args.tasks
-        else None,
-        "output": str(output) if output else None,
-    }
-    if output and ranks.main:
-        model.to(torch.device("cpu"))
-        save_pruned(
+    with writing as residence:
+        report = prune(
             model,
-            tokenizer,
-            output,
-            out,
-            overwrite=args.overwrite,
-            save_format=args.save_format,
-            masks=report.mask_tensors(),
+            recipe,
+            calibration,
+            tokenizer=tokenizer,
+            device=device,
+            progress=not args.quiet,
+            checkpoint=progress_dir,
+            resume=args.resume,
+            residence=residence,
         )
+        if ranks.several:
+            log.info("pruned on %d processes (%s)", ranks.world, torch.distributed.get_backend())
+        log.info(
+            "pruned in %.1f s: sparsity %.4f over %d linears",
+            report.prune_seconds,
+            report.sparsity,
+            len(report.linears),
+        )
+        pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None
+        pruned_acc = _zero_shot(model, tokenizer, args, "pruned") if args.tasks else None
+
+        out = {
+            "model": model_desc,
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "streamed": streamed is not None,
+            **report.to_dict(),
+            "perplexity": {
+                "dense": dense.to_dict() if dense else None,
+                "pruned": pruned.to_dict() if pruned else None,
+            },
+            "zero_shot": {
+                "dense": dense_acc.to_dict() if dense_acc else None,
+                "pruned": pruned_acc.to_dict() if pruned_acc else None,
+            }
+            if args.tasks
+            else None,
+            "output": str(output) if output else None,
+        }
+        if streamed is not None:
+            writing.save(out, report.mask_tensors())
+    if output and ranks.main:
+        if streamed is None:
+            model.to(torch.device("cpu"))
+            save_pruned(
+                model,
+                tokenizer,
+                output,
+                out,
+                overwrite=args.overwrite,
+                save_format=args.save_format,
+                masks=report.mask_tensors(),
+            )
         log.info("saved to %s", output)
         shutil.rmtree(progress_dir, ignore_errors=True)
     if dense and pruned:

@@ -88,3 +88,86 @@ def test_a_checkpoint_with_other_tensor_names_is_refused(tmp_path):
     )
     with pytest.raises(secateurs.SecateursError, match="the checkpoint has no tensor model.embed_tokens.weight"):
         open_streamed(folder)
+
+
+COMMON = ["--method", "wanda", "--sparsity", "0.5", "--nsamples", "3", "--seqlen", "32", "--eval", "none"]
+COMMON += ["--device", "cpu", "--quiet"]
+
+
+def test_cli_low_memory_writes_what_the_in_memory_prune_saves(sharded, text_file, tmp_path):
+    from secateurs import cli
+
+    streamed, memory = tmp_path / "streamed", tmp_path / "memory"
+    args = ["prune", str(sharded), *COMMON, "--calibration", str(text_file)]
+    assert cli.main([*args, "--output", str(streamed), "--low-memory"]) == 0
+    assert cli.main([*args, "--output", str(memory)]) == 0
+    a = AutoModelForCausalLM.from_pretrained(streamed).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(memory).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((streamed / "report.json").read_text())
+    assert report["streamed"] is True and report["sparsity"] == pytest.approx(0.5)
+
+
+KILLED = """
+import os, signal, sys
+from secateurs.cli import main
+from secateurs.oneshot.resume import RunState
+real = RunState.save_layer
+def save_then_die(self, index, *args, **kwargs):
+    real(self, index, *args, **kwargs)
+    if index == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+RunState.save_layer = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_low_memory_resumes_after_sigkill(sharded, text_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    args = ["prune", str(sharded), *COMMON, "--calibration", str(text_file), "--low-memory", "--output", str(out)]
+    killed = subprocess.run([sys.executable, "-c", KILLED, *args], env=env, capture_output=True)
+    assert killed.returncode == -9
+    assert not out.exists() and (tmp_path / "out.resume").is_dir()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]  # the killed run's, removed later
+    done = subprocess.run([sys.executable, "-m", "secateurs", *args, "--resume"], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # progress and the dead run's partial folder gone
+
+    from secateurs import cli
+
+    whole = tmp_path / "whole"
+    assert cli.main(["prune", str(sharded), *COMMON, "--calibration", str(text_file), "--output", str(whole)]) == 0
+    a = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(whole).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--save-format", "sparse"], "a streamed prune writes a Hugging Face folder"),
+        (["--model-is-hub"], "--low-memory streams a local Hugging Face folder"),
+    ],
+)
+def test_cli_low_memory_refusals(extra, message, sharded, text_file, tmp_path):
+    from conftest import run_main
+
+    model = "someone/some-model" if extra == ["--model-is-hub"] else str(sharded)
+    extra = [] if extra == ["--model-is-hub"] else extra
+    code, stdout, stderr = run_main(
+        "prune",
+        model,
+        *COMMON,
+        "--calibration",
+        str(text_file),
+        "--low-memory",
+        "--output",
+        str(tmp_path / "o"),
+        *extra,
+    )
+    assert code == 2 and message in stderr and not (tmp_path / "o").exists()
