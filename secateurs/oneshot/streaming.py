@@ -110,6 +110,7 @@ def open_streamed(folder: str | Path, dtype="auto") -> tuple[nn.Module, object, 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
+    model.tie_weights()  # the empty-weight init leaves tied parameters apart
     layers_name, _ = find_layers(model)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     for name in tensor_names(model):
