@@ -1,6 +1,6 @@
 """secateurs: prune Hugging Face causal language models and measure what it cost."""
 
-from secateurs.api import evaluate, prune
+from secateurs.api import evaluate, evaluate_streamed, prune
 from secateurs.checkpoint import compress, load_masks, load_pruned, save_sparse
 from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
@@ -42,6 +42,7 @@ __all__ = [
     "SparseLinear",
     "compress",
     "evaluate",
+    "evaluate_streamed",
     "find_layers",
     "find_linears",
     "load_masks",

@@ -29,6 +29,8 @@ _EXTRA_COMMANDS = {
     "bench": "secateurs.runtime.bench",
     "finetune": "secateurs.cli.finetune",
     "train": "secateurs.cli.train",
+    "delta": "secateurs.cli.merge",
+    "merge": "secateurs.cli.merge",
 }
 
 
@@ -114,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate with this fraction of each linear's inputs (not the LM head's) thresholded to zero, "
         "thresholds calibrated on bundled text (as bench and load_sparse run it)",
     )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="read the model one decoder layer at a time from its safetensors shards (perplexity only): a model "
+        "bigger than memory gets the same figure",
+    )
     add_common(p)
 
     for name, module in _EXTRA_COMMANDS.items():
@@ -136,18 +144,17 @@ def setup_logging(quiet: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def _evaluate(model, tokenizer, args, label: str):
-    from secateurs.api import evaluate
+def _evaluate(model, tokenizer, args, label: str, streamed_from=None):
+    """Perplexity of ``model``, or (``streamed_from``) of the folder's model read one decoder layer at a time."""
+    from secateurs.api import evaluate, evaluate_streamed
 
-    result = evaluate(
-        model,
-        tokenizer,
-        args.eval,
-        seqlen=args.seqlen,
-        max_windows=args.eval_windows,
-        bos=bos_choice(args.bos),
-        progress=not args.quiet,
+    settings = dict(
+        seqlen=args.seqlen, max_windows=args.eval_windows, bos=bos_choice(args.bos), progress=not args.quiet
     )
+    if streamed_from is not None:
+        result = evaluate_streamed(streamed_from, args.eval, dtype=args.dtype, device=args.device, **settings)
+    else:
+        result = evaluate(model, tokenizer, args.eval, **settings)
     log.info("%s perplexity %.3f  [%s]", label, result.perplexity, result.protocol)
     return result
 
@@ -222,9 +229,9 @@ def cmd_prune(args) -> dict:
             )
         if output is None:
             raise SecateursError("a streamed prune writes each layer as it goes: it needs --output")
-        if args.eval and args.eval.lower() != "none" or args.tasks:
-            log.warning("a streamed model is not evaluated here: run `secateurs eval` on the output")
-            args.eval, args.tasks = None, None
+        if args.tasks:
+            log.warning("zero-shot tasks are not run on a streamed model: run `secateurs eval --tasks` on the output")
+            args.tasks = None
     do_eval = args.eval and args.eval.lower() != "none"
     # fail on a bad source now, not after minutes of work
     if recipe.needs_calibration:
@@ -254,7 +261,7 @@ def cmd_prune(args) -> dict:
     if recipe.needs_calibration:
         calibration.windows(tokenizer)
 
-    dense = _evaluate(model, tokenizer, args, "dense ") if do_eval and not args.no_dense_eval else None
+    dense = _evaluate(model, tokenizer, args, "dense ", streamed) if do_eval and not args.no_dense_eval else None
     dense_acc = _zero_shot(model, tokenizer, args, "dense ") if args.tasks and not args.no_dense_eval else None
     log.info(
         "pruning: %s, %s, calibration %s (%d x %d tokens, seed %d)",
@@ -285,7 +292,11 @@ def cmd_prune(args) -> dict:
             report.sparsity,
             len(report.linears),
         )
-        pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None
+        if streamed is not None:  # the pruned model is read back from the output, layer by layer
+            writing.save(report.mask_tensors())
+            pruned = _evaluate(None, None, args, "pruned", writing.folder) if do_eval else None
+        else:
+            pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None
         pruned_acc = _zero_shot(model, tokenizer, args, "pruned") if args.tasks else None
 
         out = {
@@ -306,7 +317,7 @@ def cmd_prune(args) -> dict:
             "output": str(output) if output else None,
         }
         if streamed is not None:
-            writing.save(out, report.mask_tensors())
+            writing.save_report(out)
     if output and ranks.main:
         if streamed is None:
             model.to(torch.device("cpu"))
@@ -350,6 +361,17 @@ def cmd_eval(args) -> dict:
         from secateurs.runtime.activation import check_sparsity
 
         check_sparsity(args.activation_sparsity)
+    if args.low_memory:
+        from secateurs.models import resolve_folder
+
+        folder = resolve_folder(args.model)
+        if folder is None or args.tasks or args.activation_sparsity is not None or not do_eval:
+            raise SecateursError(
+                "eval --low-memory measures the perplexity (--eval) of a local Hugging Face folder of safetensors "
+                "shards, read one decoder layer at a time (no --tasks or --activation-sparsity)"
+            )
+        result = _evaluate(None, None, args, "", folder)
+        return {"model": str(folder), "dtype": args.dtype, "streamed": True, **result.to_dict()}
     model, tokenizer, model_desc = load_model(args.model, args.dtype)
     model.to(device)
     out = {"model": model_desc, "dtype": str(model.dtype).replace("torch.", "")}

@@ -104,6 +104,44 @@ class OnDevice:
 @torch.no_grad()
 def capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, progress: bool = True):
     """Record the first layer's input hidden states and every layer's keyword arguments, per window."""
+    rec = record(model, calibration, device, progress)
+    return rec.inputs, rec.calls
+
+
+class Replay:
+    """``with Replay(layers, tuple_output) as replay:`` every decoder layer passes its input through, except the last,
+    which returns ``replay.output``: the model's own forward then applies what follows the layers (final norm, LM
+    head) to hidden states computed layer by layer elsewhere (a streamed model's, whose layers are not in memory)."""
+
+    def __init__(self, layers: nn.ModuleList, tuple_output: bool):
+        self.layers, self.tuple_output = layers, tuple_output
+        self.output: torch.Tensor | None = None
+        self._saved = []
+
+    def __enter__(self):
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            self._saved.append(layer.forward)
+            layer.forward = self._make(index == last)
+        return self
+
+    def __exit__(self, *exc):
+        for layer, forward in zip(self.layers, self._saved, strict=True):
+            layer.forward = forward
+        self._saved.clear()
+
+    def _make(self, last: bool):
+        def forward(*args, **kwargs):
+            hidden = self.output if last else (args[0] if args else kwargs["hidden_states"])
+            return (hidden,) if self.tuple_output else hidden
+
+        return forward
+
+
+@torch.no_grad()
+def record(model: nn.Module, calibration: torch.Tensor, device: torch.device, progress: bool = True) -> Recorder:
+    """The capture pass: the :class:`Recorder` holding each window's inputs to layer 0 and every layer's arguments
+    (and the layers' output convention)."""
     layers_name, layers = find_layers(model)
     layer0_home = next(layers[0].parameters()).device
     layers[0].to(device)
@@ -121,4 +159,4 @@ def capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, p
             for key in ("past_key_values", "past_key_value", "layer_past"):
                 if key in call.kwargs:
                     call.kwargs[key] = None
-    return rec.inputs, rec.calls
+    return rec

@@ -234,7 +234,13 @@ class StreamedOutput:
         self.residence = Streamed(self.model, self.shards, tmp, write=self.write)
         return self.residence
 
-    def save(self, report: dict | None, masks: dict[str, torch.Tensor] | None) -> None:
+    @property
+    def folder(self) -> Path | None:
+        """The temporary folder being written (a complete model folder once :meth:`save` is done)."""
+        return self.residence.folder
+
+    def save(self, masks: dict[str, torch.Tensor] | None) -> None:
+        """Once every layer is pruned: the rest of the weights, the index, config, tokenizer and ``masks``."""
         if not self.write:
             return
         tmp = self.residence.folder
@@ -244,10 +250,61 @@ class StreamedOutput:
         if generation.is_file():
             shutil.copyfile(generation, tmp / generation.name)
         self.tokenizer.save_pretrained(tmp)
-        if report is not None:
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         if masks is not None:
             save_masks(tmp / MASKS_NAME, masks)
 
+    def save_report(self, report: dict) -> None:
+        if self.write:
+            (self.residence.folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
     def __exit__(self, *exc):
         return self.atomic.__exit__(*exc) if self.write else False
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    model: nn.Module,
+    residence: Streamed,
+    windows: torch.Tensor,
+    *,
+    bos: bool,
+    device: torch.device,
+    source: str = "",
+    available_windows: int | None = None,
+    progress: bool = True,
+):
+    """The perplexity protocol of :func:`secateurs.evaluate.perplexity` on a streamed model: every window goes
+    through one decoder layer at a time (each read once), then through the model's own forward with the layers
+    replaced by the hidden states so computed, for the final norm, the LM head and the loss. The same operations as
+    a whole-model forward, window by window, so the same figure."""
+    import math
+
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from secateurs.evaluate.perplexity import PerplexityResult
+    from secateurs.oneshot.capture import OnDevice, Replay, layer_output, record
+
+    layers_name, layers = find_layers(model)
+    residence.prepare(layers)
+    rec = record(model, windows, device, progress)
+    hidden, calls = rec.inputs, rec.calls
+    for index in tqdm(range(len(layers)), desc="perplexity, layer by layer", disable=not progress):
+        residence.enter(index, layers[index], device)
+        for j, call in enumerate(calls[index]):
+            hidden[j] = layer_output(call(layers[index], hidden[j]))
+        calls[index] = None
+        residence.leave(index, layers[index], final=False)
+    total = 0.0
+    with OnDevice(model, layers_name, device), Replay(layers, bool(rec.tuple_output)) as replay:
+        for j, row in enumerate(windows):
+            replay.output = hidden[j]
+            ids = row.unsqueeze(0).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+            hidden[j] = None
+    n, seqlen = windows.shape
+    nll = total / n
+    if available_windows == n:
+        available_windows = None
+    return PerplexityResult(math.exp(nll), nll, n, seqlen, bos, n * (seqlen - 1), source, available_windows)

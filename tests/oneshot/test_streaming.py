@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TOKENIZER_VOCAB, save_tiny_model_dir
+from conftest import TOKENIZER_VOCAB, run_main, save_tiny_model_dir
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -45,7 +45,8 @@ def test_streamed_prune_equals_the_in_memory_one(sharded, tmp_path, recipe):
     output = StreamedOutput(model, shards, tokenizer, out)
     with output as residence:
         report = secateurs.prune(model, recipe, windows(), device="cpu", progress=False, residence=residence)
-        output.save({"recipe": report.recipe}, report.mask_tensors())
+        output.save(report.mask_tensors())
+        output.save_report({"recipe": report.recipe})
     assert all(p.device.type == "meta" for p in layers.parameters())  # and every layer is dropped again
     assert {n: m.digest() for n, m in report.masks.items()} == {n: m.digest() for n, m in expected.masks.items()}
 
@@ -91,6 +92,7 @@ def test_a_checkpoint_with_other_tensor_names_is_refused(tmp_path):
 
 
 COMMON = ["--method", "wanda", "--sparsity", "0.5", "--nsamples", "3", "--seqlen", "32", "--eval", "none"]
+EVAL = ["--eval-windows", "4"]
 COMMON += ["--device", "cpu", "--quiet"]
 
 
@@ -98,14 +100,22 @@ def test_cli_low_memory_writes_what_the_in_memory_prune_saves(sharded, text_file
     from secateurs import cli
 
     streamed, memory = tmp_path / "streamed", tmp_path / "memory"
-    args = ["prune", str(sharded), *COMMON, "--calibration", str(text_file)]
+    args = ["prune", str(sharded), *COMMON, "--calibration", str(text_file), "--eval", str(text_file), *EVAL]
     assert cli.main([*args, "--output", str(streamed), "--low-memory"]) == 0
     assert cli.main([*args, "--output", str(memory)]) == 0
     a = AutoModelForCausalLM.from_pretrained(streamed).state_dict()
     b = AutoModelForCausalLM.from_pretrained(memory).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    report = json.loads((streamed / "report.json").read_text())
-    assert report["streamed"] is True and report["sparsity"] == pytest.approx(0.5)
+    reports = [json.loads((d / "report.json").read_text()) for d in (streamed, memory)]
+    assert reports[0]["streamed"] is True and reports[0]["sparsity"] == pytest.approx(0.5)
+    assert reports[0]["perplexity"] == reports[1]["perplexity"]  # dense and pruned, streamed from disk
+    assert reports[0]["perplexity"]["pruned"]["windows"] == 4
+
+    code, stdout, stderr = run_main(
+        "eval", str(streamed), "--low-memory", "--eval", str(text_file), *EVAL, "--seqlen", "32", "--json"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["perplexity"] == reports[1]["perplexity"]["pruned"]["perplexity"]
 
 
 KILLED = """
@@ -155,8 +165,6 @@ def test_cli_low_memory_resumes_after_sigkill(sharded, text_file, tmp_path):
     ],
 )
 def test_cli_low_memory_refusals(extra, message, sharded, text_file, tmp_path):
-    from conftest import run_main
-
     model = "someone/some-model" if extra == ["--model-is-hub"] else str(sharded)
     extra = [] if extra == ["--model-is-hub"] else extra
     code, stdout, stderr = run_main(
@@ -171,3 +179,14 @@ def test_cli_low_memory_refusals(extra, message, sharded, text_file, tmp_path):
         *extra,
     )
     assert code == 2 and message in stderr and not (tmp_path / "o").exists()
+
+
+def test_streamed_perplexity_equals_the_in_memory_one(sharded, text_file):
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(sharded).eval()
+    tokenizer = AutoTokenizer.from_pretrained(sharded)
+    expected = secateurs.evaluate(model, tokenizer, str(text_file), seqlen=32, max_windows=5, progress=False)
+    got = secateurs.evaluate_streamed(sharded, str(text_file), seqlen=32, max_windows=5, device="cpu", progress=False)
+    assert got.to_dict() == expected.to_dict()
+    assert got.windows == 5 and got.bos
