@@ -42,7 +42,10 @@ AUTO_FRACTION = 0.7
 
 
 class Shards:
-    """The tensors of a folder's safetensors files, by name; each read on demand (checked when opened)."""
+    """The tensors of a folder's safetensors files, by name, read on demand (every file checked when opened).
+
+    A file is mapped only while its tensors are read: a mapping kept open would keep every page read so far
+    resident, and the whole model would end up counted in the process's memory."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -55,21 +58,18 @@ class Shards:
         elif (self.folder / SINGLE).is_file():
             weight_map = None
         else:
-            raise SecateursError(
-                f"{self.folder} has no safetensors weights ({SINGLE} or {INDEX}): streaming reads them"
-            )
-        files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
-        self.handles, self.location = {}, {}
-        for name in files:
+            raise SecateursError(f"{self.folder} has no safetensors weights ({SINGLE} or {INDEX}) to stream")
+        self.files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+        self.location: dict[str, str] = {}
+        for name in self.files:
             path = self.folder / name
             if not path.is_file():
                 raise SecateursError(f"shard {path} named by {INDEX} is missing")
             try:
-                handle = safe_open(str(path), framework="pt")
-                keys = set(handle.keys())
+                with safe_open(str(path), framework="pt") as f:
+                    keys = list(f.keys())
             except (SafetensorError, OSError) as exc:
                 raise SecateursError(f"shard {path} is damaged or truncated ({exc})") from None
-            self.handles[name] = handle
             for key in keys:
                 self.location[key] = name
         for key, name in (weight_map or {}).items():
@@ -78,13 +78,22 @@ class Shards:
 
     @property
     def nbytes(self) -> int:
-        return sum((self.folder / name).stat().st_size for name in self.handles)
+        return sum((self.folder / name).stat().st_size for name in self.files)
 
-    def read(self, name: str) -> torch.Tensor:
-        try:
-            return self.handles[self.location[name]].get_tensor(name)
-        except SafetensorError as exc:
-            raise SecateursError(f"cannot read {name} from {self.location[name]}: {exc}") from None
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` (copies in memory), each file opened once and closed again."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.location[name], []).append(name)
+        out = {}
+        for file, keys in by_file.items():
+            try:
+                with safe_open(str(self.folder / file), framework="pt") as f:
+                    for key in keys:
+                        out[key] = f.get_tensor(key)
+            except (SafetensorError, OSError) as exc:
+                raise SecateursError(f"cannot read {', '.join(keys[:2])} from {file}: {exc}") from None
+        return out
 
 
 def should_stream(folder: str | Path) -> bool:
@@ -120,9 +129,9 @@ def open_streamed(folder: str | Path, dtype="auto") -> tuple[nn.Module, object, 
                 f"{folder}: the checkpoint has no tensor {name} (it names tensors like {sample}); streaming needs "
                 "the model's own tensor names: prune it in memory (without --low-memory)"
             )
-    for name in tensor_names(model):
-        if not name.startswith(f"{layers_name}.") and name in shards.location:
-            _assign(model, name, shards.read(name), dtype)
+    outside = [n for n in tensor_names(model) if not n.startswith(f"{layers_name}.") and n in shards.location]
+    for name, value in shards.read(outside).items():
+        _assign(model, name, value, dtype)
     model.tie_weights()
     for name, tensor in model.state_dict().items():
         if not name.startswith(f"{layers_name}.") and tensor.device.type == "meta":
@@ -176,14 +185,15 @@ class Streamed:
             self.weight_map.update(dict.fromkeys(tensors, name))
             self.written += sum(t.numel() * t.element_size() for t in tensors.values())
         layer.to("meta")
+        give_back_memory()
 
     def _materialize(self, index: int) -> None:
         _, layers = find_layers(self.model)
         if all(t.device.type != "meta" for t in layers[index].state_dict().values()):
             return
         prefix = f"{self.layers_name}.{index}."
-        for name in tensor_names(layers[index]):
-            _assign(self.model, prefix + name, self.shards.read(prefix + name), self.dtype)
+        for name, value in self.shards.read([prefix + n for n in tensor_names(layers[index])]).items():
+            _assign(self.model, name, value, self.dtype)
 
     def finish(self) -> None:
         """Write the tensors outside the decoder layers and the index (once every layer is written)."""
@@ -205,6 +215,26 @@ class Streamed:
         self.written += sum(t.numel() * t.element_size() for t in rest.values())
         index = {"metadata": {"total_size": self.written}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Return the freed heap to the system (glibc keeps it otherwise: freed layers of a few MB per tensor land on the
+    heap, and the process would grow by about half a layer per layer walked)."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def check_disk(output: Path, needed: int, what: str) -> None:
