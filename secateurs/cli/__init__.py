@@ -195,6 +195,22 @@ def _streamed_folder(args):
     return None
 
 
+def _check_room(model, output, progress_dir) -> None:
+    """Refuse, before the walk, an output (and run state) that the disk has no room for."""
+    from secateurs.oneshot.prune import linear_names
+    from secateurs.oneshot.streaming import check_disk
+
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    linears = dict(model.named_modules())
+    state = 0
+    for name in linear_names(model):
+        weight = linears[name].weight
+        state += weight.numel() * weight.element_size()
+    check_disk(output.parent, total + (1 << 20), "the pruned model")
+    if progress_dir is not None:
+        check_disk(progress_dir.parent, total + state + (1 << 20), "the pruned model and the run's progress")
+
+
 def cmd_prune(args) -> dict:
     import contextlib
 
@@ -256,6 +272,8 @@ def cmd_prune(args) -> dict:
         model, tokenizer, model_desc = load_model(args.model, args.dtype)
     log.info("loaded in %.1f s: %s, %s", time.perf_counter() - t0, type(model).__name__, model.dtype)
     check_recipe(model, recipe)  # N:M widths and the like: before any forward pass
+    if output is not None and ranks.main:
+        _check_room(model, output, progress_dir)
     if device.type == "cuda" and streamed is None:
         model.to(device)
     if recipe.needs_calibration:

@@ -256,8 +256,6 @@ class StreamedOutput:
     def __init__(self, model, shards: Shards, tokenizer, output: str | Path, *, overwrite=False, write=True):
         self.model, self.shards, self.tokenizer, self.write = model, shards, tokenizer, write
         self.atomic = AtomicFolder(output, overwrite) if write else None
-        if write:
-            check_disk(self.atomic.path.parent, int(shards.nbytes * 1.02) + (1 << 20), "the pruned model")
 
     def __enter__(self) -> Streamed:
         tmp = self.atomic.__enter__() if self.write else None

@@ -190,3 +190,16 @@ def test_streamed_perplexity_equals_the_in_memory_one(sharded, text_file):
     got = secateurs.evaluate_streamed(sharded, str(text_file), seqlen=32, max_windows=5, device="cpu", progress=False)
     assert got.to_dict() == expected.to_dict()
     assert got.windows == 5 and got.bos
+
+
+@pytest.mark.parametrize("low_memory", [True, False])
+def test_no_room_for_the_output_is_refused_before_the_walk(low_memory, sharded, text_file, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    out = tmp_path / "o"
+    flags = ["--low-memory"] if low_memory else []
+    code, _, stderr = run_main(
+        "prune", str(sharded), *COMMON, "--calibration", str(text_file), "--output", str(out), *flags
+    )
+    assert code == 2 and "secateurs: error: not enough disk for the pruned model: about" in stderr
+    assert "GB free in" in stderr and sorted(p.name for p in tmp_path.iterdir()) == []
