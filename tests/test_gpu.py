@@ -111,3 +111,15 @@ def test_cli_bench_cuda(tmp_path, tiny_model_dir):
     assert result["kernel_isa"] == "semi-structured 2:4" and result["dtype"] == "bfloat16"
     assert result["sparse"]["decode_tokens_per_s"] > 0 and result["dense"]["decode_tokens_per_s"] > 0
     assert result["sparse"]["weight_bytes"] < result["dense"]["weight_bytes"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_offloaded_activations_give_the_same_masks(method):
+    """Hidden states parked in pinned CPU memory between layers: the same masks and weights as on the GPU."""
+    windows = torch.randint(0, VOCAB, (4, 24))
+    kept, parked = tiny_model("llama"), tiny_model("llama")
+    a = secateurs.prune(kept, method, windows, device="cuda", progress=False)
+    b = secateurs.prune(parked, method, windows, device="cuda", progress=False, offload_activations=True)
+    assert {n: m.digest() for n, m in a.masks.items()} == {n: m.digest() for n, m in b.masks.items()}
+    for p, q in zip(kept.parameters(), parked.parameters(), strict=True):
+        assert torch.equal(p, q)

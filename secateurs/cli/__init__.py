@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         "pruned (chosen by itself when the weights would not fit in the free memory); writes a sharded HF folder",
     )
     p.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="on a GPU, keep the calibration hidden states in pinned CPU memory between layers (GPU memory then "
+        "holds one layer and one window's activations)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run stopped while writing --output (its finished layers are kept in OUTPUT.resume/), "
@@ -301,6 +307,7 @@ def cmd_prune(args) -> dict:
             checkpoint=progress_dir,
             resume=args.resume,
             residence=residence,
+            offload_activations=args.offload_activations,
         )
         if ranks.several:
             log.info("pruned on %d processes (%s)", ranks.world, torch.distributed.get_backend())

@@ -15,9 +15,10 @@ from secateurs import data
 from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
 from secateurs.measure import PeakMemory
-from secateurs.models import check_seqlen, default_device, find_layers, find_linears, weight_view
+from secateurs.models import check_seqlen, default_device, find_layers, weight_view
 from secateurs.oneshot.allocations.table import Table
 from secateurs.oneshot.distributed import Ranks, _digest
+from secateurs.oneshot.moe import layer_linears, warn_unrouted
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.result import PruneReport
 from secateurs.oneshot.resume import RunState, model_fingerprint
@@ -73,7 +74,7 @@ def check_recipe(model: nn.Module, recipe: Recipe) -> None:
 def linear_names(model: nn.Module) -> list[str]:
     """Full names of every linear in the decoder layers (what the walk may prune)."""
     layers_name, layers = find_layers(model)
-    return [f"{layers_name}.{i}.{n}" for i, layer in enumerate(layers) for n in find_linears(layer)]
+    return [f"{layers_name}.{i}.{n}" for i, layer in enumerate(layers) for n in layer_linears(layer)]
 
 
 def warn_unused_exclusions(model: nn.Module, recipe: Recipe) -> None:
@@ -145,6 +146,7 @@ def prune(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     residence: InMemory | None = None,
+    offload_activations: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place, layer by layer, and report what was done (the masks included, packed).
 
@@ -160,7 +162,9 @@ def prune(
     (:mod:`secateurs.oneshot.distributed`); only rank 0 writes the checkpoint.
 
     ``residence``: where the walk finds the decoder layers (in the model by default; streamed from and to disk by
-    :func:`secateurs.oneshot.streaming.prune_folder`).
+    :class:`secateurs.oneshot.streaming.Streamed`). ``offload_activations``: on a GPU, keep the calibration hidden
+    states in pinned CPU memory between layers (each window visits the GPU for its turn only): GPU memory then
+    holds one layer and one window's activations.
     """
     recipe = as_recipe(recipe)
     device = default_device(device) if not isinstance(device, torch.device) else device
@@ -203,13 +207,14 @@ def prune(
                     progress=progress,
                     ranks=ranks,
                     residence=residence,
+                    offload=offload_activations,
                 )
             sparsities = allocation.allocate(recipe.sparsity, layer_names, measures)
             if state is not None:
                 state.save_allocation(sparsities, measures)
         results, masks = walk(
             model,
-            LinearStages(recipe.method, recipe.refine, recipe.update),
+            LinearStages(recipe.method, recipe.refine, recipe.update, recipe.unrouted_experts),
             layer_targets(recipe, sparsities),
             windows,
             device,
@@ -219,8 +224,11 @@ def prune(
             ranks=ranks,
             state=state,
             residence=residence,
+            offload=offload_activations,
         )
     model.train(was_training)
+    if ranks.main:
+        warn_unrouted(results)
     seconds = time.perf_counter() - start
     layers_out = []
     for r in results:  # what the allocation measured on a layer (e.g. OWL's outlier_ratio) goes beside it

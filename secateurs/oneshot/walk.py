@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.models import find_layers, find_linears, weight_view
+from secateurs.models import find_layers, weight_view
 from secateurs.oneshot.capture import capture, layer_output
 from secateurs.oneshot.distributed import Ranks
+from secateurs.oneshot.moe import layer_linears, prune_unrouted, unrouted, with_expert_linears
 from secateurs.oneshot.result import LayerResult, LinearResult, PackedMask
 from secateurs.oneshot.resume import RunState, restore_rng
 from secateurs.oneshot.stage import Pruner, Refiner, StageOutput, Target, Update
@@ -42,6 +43,7 @@ class LinearStages:
     pruner: Pruner
     refiner: Refiner | None = None
     update: Update | None = None
+    unrouted: str = "dense"  # an MoE expert without calibration tokens: "dense" or "magnitude"
 
     @property
     def needs(self) -> frozenset[str]:
@@ -67,12 +69,30 @@ class InMemory:
         layer.to(self.home)
 
 
+class Parking:
+    """Where the calibration hidden states wait between layers: on the compute device, or (``offload``, when that is a
+    GPU) in pinned CPU memory, each window moved to the GPU only for its turn through the layer."""
+
+    def __init__(self, device: torch.device, offload: bool = False):
+        self.device, self.offload = device, offload and device.type == "cuda"
+
+    def park(self, h: torch.Tensor) -> torch.Tensor:
+        return h.to("cpu").pin_memory() if self.offload else h
+
+    def fetch(self, h: torch.Tensor) -> torch.Tensor:
+        return h.to(self.device, non_blocking=True) if self.offload else h
+
+    def park_all(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.park(h) for h in hidden] if self.offload else hidden
+
+
 def prunable_linears(layer: nn.Module, prefix: str, skip: Callable[[str], bool]) -> dict[str, nn.Module]:
-    """The linears of one decoder layer (names relative to it) whose full name ``prefix.name`` is not skipped."""
-    return {n: m for n, m in find_linears(layer).items() if not skip(f"{prefix}.{n}")}
+    """The linears of one decoder layer (names relative to it) whose full name ``prefix.name`` is not skipped
+    (each MoE expert's as its own, routers left out: :func:`secateurs.oneshot.moe.layer_linears`)."""
+    return {n: m for n, m in layer_linears(layer).items() if not skip(f"{prefix}.{n}")}
 
 
-def _run_collecting(layer, linears, hidden, calls, wanted, keep_outputs: bool, ranks: Ranks):
+def _run_collecting(layer, linears, hidden, calls, wanted, keep_outputs: bool, ranks: Ranks, parking: Parking):
     """Run every window through ``layer`` with hooks summing the ``wanted`` statistics of each linear's inputs; the
     sums are then summed over the ranks and rounded to fp32."""
     stats = {n: InputStats() for n in linears}
@@ -81,10 +101,10 @@ def _run_collecting(layer, linears, hidden, calls, wanted, keep_outputs: bool, r
     outputs = []
     try:
         for h, call in zip(hidden, calls, strict=True):
-            out = layer_output(call(layer, h))
+            out = layer_output(call(layer, parking.fetch(h)))
             collector.next_window()
             if keep_outputs:
-                outputs.append(out)
+                outputs.append(parking.park(out))
     finally:
         for hook in hooks:
             hook.remove()
@@ -103,6 +123,8 @@ def run_stages(
     Pruned positions are exactly zero after every stage; the weight keeps its dtype. The dense weight is copied
     only when a refiner or an update will read it.
     """
+    if unrouted(stats):  # an MoE expert no calibration token was routed to: no statistics to prune it by
+        return prune_unrouted(W, target, stages.unrouted)
     later = [s for s in (stages.refiner, stages.update) if s is not None and _applies(s, name)]
     W_dense = W.detach().clone() if later else None
     out = _checked(stages.pruner, stages.pruner.prune(W.detach().clone(), stats, target), W, W_dense)
@@ -135,6 +157,7 @@ def _checked(stage, out: StageOutput, W: torch.Tensor, W_dense: torch.Tensor | N
 
 
 @torch.no_grad()
+@with_expert_linears
 def dense_walk(
     model: nn.Module,
     calibration: torch.Tensor,
@@ -146,6 +169,7 @@ def dense_walk(
     progress: bool = True,
     ranks: Ranks | None = None,
     residence: InMemory | None = None,
+    offload: bool = False,
 ) -> list:
     """One pass through the dense model: ``per_layer(index, weights, stats)`` for each decoder layer.
 
@@ -155,20 +179,24 @@ def dense_walk(
     ranks, residence = ranks or Ranks.current(), residence or InMemory()
     layers_name, layers = find_layers(model)
     residence.prepare(layers)
+    parking = Parking(device, offload)
     hidden, calls = capture(model, calibration, device, progress)
+    hidden = parking.park_all(hidden)
     results = []
     for index in tqdm(range(len(layers)), desc="dense statistics", disable=not progress):
         layer = layers[index]
         residence.enter(index, layer, device)
         linears = prunable_linears(layer, f"{layers_name}.{index}", skip)
-        stats, hidden = _run_collecting(layer, linears, hidden, calls[index], wanted, True, ranks)
+        stats, hidden = _run_collecting(layer, linears, hidden, calls[index], wanted, True, ranks, parking)
         calls[index] = None
+        linears = {n: m for n, m in linears.items() if not unrouted(stats[n])}  # experts without tokens: unmeasured
         results.append(per_layer(index, {n: weight_view(m) for n, m in linears.items()}, stats))
         residence.leave(index, layer, final=False)
     return results
 
 
 @torch.no_grad()
+@with_expert_linears
 def walk(
     model: nn.Module,
     stages: LinearStages,
@@ -182,11 +210,13 @@ def walk(
     ranks: Ranks | None = None,
     state: RunState | None = None,
     residence: InMemory | None = None,
+    offload: bool = False,
 ) -> tuple[list[LayerResult], dict[str, PackedMask]]:
     """Prune every decoder layer in order, layer ``i`` to ``targets[i]``; return the results and the masks.
 
     ``calibration`` holds this rank's share of the windows; ``state`` (if given) records each finished layer, and
-    the layers it already holds are restored rather than pruned again.
+    the layers it already holds are restored rather than pruned again. ``offload`` keeps the hidden states in CPU
+    memory between layers when the compute device is a GPU.
     """
     ranks, residence = ranks or Ranks.current(), residence or InMemory()
     layers_name, layers = find_layers(model)
@@ -194,13 +224,15 @@ def walk(
         raise ValueError(f"{len(targets)} layer targets for {len(layers)} layers")
     wanted = stages.needs
     hidden = calls = None
+    parking = Parking(device, offload)
     if wanted:
         residence.prepare(layers)
         hidden, calls = capture(model, calibration, device, progress)
+        hidden = parking.park_all(hidden)
     results, masks = [], {}
     first = 0
     if state is not None and state.done:
-        first = _restore(layers, layers_name, skip, state, ranks, residence, device, (hidden, calls), results, masks)
+        first = _restore(layers, layers_name, skip, state, ranks, residence, parking, (hidden, calls), results, masks)
     bar = tqdm(range(first, len(layers)), desc=f"{stages.label} pruning layers", disable=not progress)
     for index in bar:
         start = time.perf_counter()
@@ -210,7 +242,9 @@ def walk(
         stats: dict[str, InputStats] = {}
         dense_out = []
         if wanted:
-            stats, dense_out = _run_collecting(layer, linears, hidden, calls[index], wanted, track_error, ranks)
+            stats, dense_out = _run_collecting(
+                layer, linears, hidden, calls[index], wanted, track_error, ranks, parking
+            )
         target = targets[index]
         target_sparsity = target.nm.sparsity if target.nm else target.sparsity
         linear_results = []
@@ -237,12 +271,12 @@ def walk(
         if wanted:
             num = den = 0.0
             for j, call in enumerate(calls[index]):
-                out = layer_output(call(layer, hidden[j]))
+                out = layer_output(call(layer, parking.fetch(hidden[j])))
                 if track_error:
-                    ref = dense_out[j].float()
+                    ref = parking.fetch(dense_out[j]).float()
                     num += (out.float() - ref).pow(2).sum().item()
                     den += ref.pow(2).sum().item()
-                hidden[j] = out
+                hidden[j] = parking.park(out)
             calls[index] = None
             num, den = ranks.sum_floats(num, den)
             error = num / den if track_error and den > 0 else None
@@ -261,7 +295,7 @@ def walk(
     return results, masks
 
 
-def _restore(layers, layers_name, skip, state: RunState, ranks: Ranks, residence, device, inputs, results, masks):
+def _restore(layers, layers_name, skip, state: RunState, ranks: Ranks, residence, parking, inputs, results, masks):
     """Put back the layers a stopped run finished (rank 0 reads them and sends them to the others) and recompute
     the hidden states entering the next layer through them; returns the index of the first layer left to prune."""
     hidden, calls = inputs
@@ -270,14 +304,14 @@ def _restore(layers, layers_name, skip, state: RunState, ranks: Ranks, residence
         layer = layers[index]
         prefix = f"{layers_name}.{index}"
         weights, layer_masks, result, rng = ranks.broadcast(state.load_layer(index) if ranks.main else None)
-        residence.enter(index, layer, device)
+        residence.enter(index, layer, parking.device)
         for name, module in prunable_linears(layer, prefix, skip).items():
             weight_view(module).copy_(weights[f"{prefix}.{name}"])
         masks.update(layer_masks)
         results.append(result)
         if hidden is not None:
             for j, call in enumerate(calls[index]):
-                hidden[j] = layer_output(call(layer, hidden[j]))
+                hidden[j] = parking.park(layer_output(call(layer, parking.fetch(hidden[j]))))
             calls[index] = None
         residence.leave(index, layer, final=True)
     restore_rng(rng)

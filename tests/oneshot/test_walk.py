@@ -368,3 +368,12 @@ def test_capture_stops_after_the_last_decoder_layer():
     assert heads == [] and len(inputs) == 3 and all(len(per_layer) == 3 for per_layer in calls)
     model(torch.randint(0, VOCAB, (1, 4)))  # the model is whole again afterwards
     assert heads == [1]
+
+
+def test_parking_moves_hidden_states_only_when_offloading_from_a_gpu():
+    from secateurs.oneshot.walk import Parking
+
+    h = torch.ones(2, 3)
+    cpu = Parking(torch.device("cpu"), offload=True)  # nothing to offload from
+    assert not cpu.offload and cpu.park(h) is h and cpu.fetch(h) is h
+    assert Parking(torch.device("cuda"), offload=True).offload and not Parking(torch.device("cuda")).offload
