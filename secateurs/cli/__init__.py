@@ -203,11 +203,12 @@ def _streamed_folder(args):
 
 def _check_room(model, output, progress_dir) -> None:
     """Refuse, before the walk, an output (and run state) that the disk has no room for."""
+    from secateurs.oneshot.moe import expert_linears
     from secateurs.oneshot.prune import linear_names
     from secateurs.oneshot.streaming import check_disk
 
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    linears = dict(model.named_modules())
+    linears = {**dict(model.named_modules()), **expert_linears(model)}  # MoE experts are views, not modules
     state = 0
     for name in linear_names(model):
         weight = linears[name].weight
@@ -318,7 +319,7 @@ def cmd_prune(args) -> dict:
             len(report.linears),
         )
         if streamed is not None:  # the pruned model is read back from the output, layer by layer
-            writing.save(report.mask_tensors())
+            writing.save(report.masks)  # packed: 1 bit per weight in memory too
             pruned = _evaluate(None, None, args, "pruned", writing.folder) if do_eval else None
         else:
             pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None

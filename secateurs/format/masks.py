@@ -31,7 +31,8 @@ def masks_path(folder_or_file: str | Path) -> Path:
 
 
 def save_masks(folder_or_file: str | Path, masks: Mapping[str, torch.Tensor]) -> Path:
-    """Write ``masks`` ({linear name: bool [out, in], True = pruned}) packed 1 bit per weight; returns the file.
+    """Write ``masks`` ({linear name: bool [out, in], True = pruned}, or already packed: objects with ``bits`` and
+    ``shape`` such as a PackedMask) packed 1 bit per weight; returns the file.
 
     The file is written beside its final name and renamed into place, so it is either complete or absent.
     """
@@ -42,6 +43,15 @@ def save_masks(folder_or_file: str | Path, masks: Mapping[str, torch.Tensor]) ->
     for name, mask in masks.items():
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise SecateursError(f"mask name must be a non-empty string naming a linear, got {name!r}")
+        if not isinstance(mask, torch.Tensor) and hasattr(mask, "bits") and hasattr(mask, "shape"):
+            shape = tuple(mask.shape)  # already packed (e.g. a PackedMask): written without unpacking
+            try:
+                pruned = int(row_counts(mask.bits, shape[1]).sum())
+            except (ValueError, IndexError) as exc:
+                raise SecateursError(f"packed mask {name!r} does not match its shape {list(shape)}: {exc}") from None
+            tensors[name] = mask.bits.contiguous()
+            entries[name] = {"shape": list(shape), "pruned": pruned}
+            continue
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
             got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise SecateursError(f"mask {name!r} must be a 2-D bool tensor [out, in] (True = pruned), got {got}")

@@ -53,13 +53,24 @@ def check_sparsity(sparsity: float) -> float:
     return value
 
 
+# rows sorted at once by the row-wise selectors: bounds the sort's int64 indices (8 bytes per score) to 32 MB
+ROWS_BLOCK_SCORES = 1 << 22
+
+
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k lowest entries along the last dimension (stable: earlier position wins a tie)."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k <= 0:
         return mask
-    order = torch.argsort(scores, dim=-1, stable=True)
-    return mask.scatter_(-1, order[..., :k], True)
+    if scores.dim() == 1:
+        return mask.scatter_(-1, torch.argsort(scores, stable=True)[:k], True)
+    rows = scores.reshape(-1, scores.shape[-1])
+    out = mask.view(-1, scores.shape[-1])
+    step = max(1, ROWS_BLOCK_SCORES // scores.shape[-1])
+    for start in range(0, rows.shape[0], step):  # rows are independent: blocks give the same mask, in less memory
+        order = torch.argsort(rows[start : start + step], dim=-1, stable=True)
+        out[start : start + step].scatter_(-1, order[:, :k], True)
+    return mask
 
 
 def per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

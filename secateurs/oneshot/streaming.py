@@ -129,14 +129,35 @@ def open_streamed(folder: str | Path, dtype="auto") -> tuple[nn.Module, object, 
                 f"{folder}: the checkpoint has no tensor {name} (it names tensors like {sample}); streaming needs "
                 "the model's own tensor names: prune it in memory (without --low-memory)"
             )
-    outside = [n for n in tensor_names(model) if not n.startswith(f"{layers_name}.") and n in shards.location]
-    for name, value in shards.read(outside).items():
-        _assign(model, name, value, dtype)
-    model.tie_weights()
+    load_outside(model, shards, dtype)
     for name, tensor in model.state_dict().items():
         if not name.startswith(f"{layers_name}.") and tensor.device.type == "meta":
             raise SecateursError(f"{folder}: {name} is neither in the checkpoint nor tied to a tensor that is")
     return model, AutoTokenizer.from_pretrained(folder), shards
+
+
+def outside_names(model: nn.Module, shards: Shards) -> list[str]:
+    """The checkpoint's tensors outside the decoder layers (embeddings, final norm, an untied head)."""
+    layers_name, _ = find_layers(model)
+    return [n for n in tensor_names(model) if not n.startswith(f"{layers_name}.") and n in shards.location]
+
+
+def load_outside(model: nn.Module, shards: Shards, dtype: torch.dtype) -> None:
+    """Read the tensors outside the decoder layers in (if they are not), tied ones tied again."""
+    state = model.state_dict(keep_vars=True)
+    names = [n for n in outside_names(model, shards) if state[n].device.type == "meta"]
+    for name, value in shards.read(names).items():
+        _assign(model, name, value, dtype)
+    model.tie_weights()
+
+
+def drop_outside(model: nn.Module, shards: Shards) -> None:
+    """Drop the tensors outside the decoder layers back to the meta device: the walk needs them only for the
+    capture pass (the embeddings), so a large vocabulary does not sit in memory beside every layer."""
+    for name in outside_names(model, shards):
+        set_module_tensor_to_device(model, name, "meta")
+    model.tie_weights()
+    give_back_memory()
 
 
 def tensor_names(module: nn.Module) -> list[str]:
@@ -164,15 +185,24 @@ class Streamed:
         self.dtype = next(p.dtype for p in model.parameters() if p.device.type != "meta" and p.is_floating_point())
         self.weight_map: dict[str, str] = {}
         self.written = 0
+        self.outside_dropped = False
 
     def shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.total:05d}.safetensors"
 
+    def load_outside(self) -> None:
+        load_outside(self.model, self.shards, self.dtype)
+        self.outside_dropped = False
+
     def prepare(self, layers: nn.ModuleList) -> None:
-        """Before the capture pass, which runs the first layer once."""
+        """Before the capture pass, which runs the embeddings and the first layer once."""
+        self.load_outside()
         self._materialize(0)
 
     def enter(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        if not self.outside_dropped:
+            drop_outside(self.model, self.shards)
+            self.outside_dropped = True
         self._materialize(index)
         layer.to(device)
 
@@ -199,6 +229,7 @@ class Streamed:
         """Write the tensors outside the decoder layers and the index (once every layer is written)."""
         if not self.write:
             return
+        self.load_outside()
         state = self.model.state_dict()
         seen, rest = set(), {}
         for name, tensor in state.items():
@@ -267,7 +298,7 @@ class StreamedOutput:
         """The temporary folder being written (a complete model folder once :meth:`save` is done)."""
         return self.residence.folder
 
-    def save(self, masks: dict[str, torch.Tensor] | None) -> None:
+    def save(self, masks: dict | None) -> None:
         """Once every layer is pruned: the rest of the weights, the index, config, tokenizer and ``masks``."""
         if not self.write:
             return
@@ -323,6 +354,7 @@ def streamed_perplexity(
             hidden[j] = layer_output(call(layers[index], hidden[j]))
         calls[index] = None
         residence.leave(index, layers[index], final=False)
+    residence.load_outside()
     total = 0.0
     with OnDevice(model, layers_name, device), Replay(layers, bool(rec.tuple_output)) as replay:
         for j, row in enumerate(windows):

@@ -186,3 +186,19 @@ def test_folder_saved_without_masks(tmp_path):
         load_model_masks(tmp_path / "plain")
     with pytest.raises(SecateursError, match="is not a folder"):
         load_model_masks(tmp_path / "missing")
+
+
+def test_packed_masks_are_written_without_unpacking_and_read_back_equal(tmp_path):
+    from secateurs.oneshot.result import PackedMask
+
+    torch.manual_seed(0)
+    masks = {"a.linear": torch.rand(5, 13) < 0.4, "b.linear": torch.rand(3, 8) < 0.5}
+    save_masks(tmp_path / "bool", masks)
+    save_masks(tmp_path / "packed", {n: PackedMask.pack(m) for n, m in masks.items()})
+    for folder in ("bool", "packed"):
+        loaded = load_masks(tmp_path / folder)
+        assert loaded.keys() == masks.keys() and all(torch.equal(loaded[n], masks[n]) for n in masks)
+    bad = PackedMask.pack(masks["a.linear"])
+    bad.shape = (5, 30)
+    with pytest.raises(SecateursError, match="packed mask 'a.linear' does not match its shape"):
+        save_masks(tmp_path / "bad", {"a.linear": bad})

@@ -214,3 +214,16 @@ def test_refiner_and_update_chain_keeps_counts_and_zeros():
         assert {"dsnot", "sparsegpt"} <= set(b["info"])
     # the update lowers every layer's reconstruction error against the same masks without it
     assert sum(lay["output_error"] for lay in report.layers) < sum(lay["output_error"] for lay in plain.layers)
+
+
+def test_row_selection_in_blocks_equals_one_sort(monkeypatch):
+    from secateurs.oneshot import select
+
+    torch.manual_seed(0)
+    scores = torch.randn(37, 24)
+    scores[3, :6] = 0.5  # ties: the earlier position is pruned first
+    whole = {"row": select.per_row(scores, 0.4), "nm": select.n_of_m(scores, select.NM(2, 4))}
+    monkeypatch.setattr(select, "ROWS_BLOCK_SCORES", 24 * 5)  # blocks of 5 rows, the last one short
+    assert torch.equal(select.per_row(scores, 0.4), whole["row"])
+    assert torch.equal(select.n_of_m(scores, select.NM(2, 4)), whole["nm"])
+    assert whole["row"].sum(1).tolist() == [9] * 37

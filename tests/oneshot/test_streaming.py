@@ -45,7 +45,7 @@ def test_streamed_prune_equals_the_in_memory_one(sharded, tmp_path, recipe):
     output = StreamedOutput(model, shards, tokenizer, out)
     with output as residence:
         report = secateurs.prune(model, recipe, windows(), device="cpu", progress=False, residence=residence)
-        output.save(report.mask_tensors())
+        output.save(report.masks)
         output.save_report({"recipe": report.recipe})
     assert all(p.device.type == "meta" for p in layers.parameters())  # and every layer is dropped again
     assert {n: m.digest() for n, m in report.masks.items()} == {n: m.digest() for n, m in expected.masks.items()}
