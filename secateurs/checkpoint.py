@@ -36,6 +36,7 @@ from secateurs.format.sparse import (
 )
 from secateurs.loading import is_module_folder, is_sparse_folder, load_masks, read_sparse
 from secateurs.models import PRUNABLE, decoder_linears, load_model, weight_view
+from secateurs.oneshot.moe import expert_linears, fused_parameters
 from secateurs.runtime.linear import SparseLinear
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,11 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------------ masks
 def _check_masks(model: nn.Module, masks) -> None:
-    """Refuse masks that do not name a linear of ``model`` with its [out, in] shape (before anything is written)."""
+    """Refuse masks that do not name a linear of ``model`` with its [out, in] shape (before anything is written).
+    The experts of a fused MoE module are linears here, as the walk names them (``...experts.5.gate_proj``)."""
     if not isinstance(masks, Mapping):
         raise SecateursError(f"masks must be a dict of linear name -> bool tensor, not {type(masks).__name__}")
-    modules = dict(model.named_modules())
+    modules = {**dict(model.named_modules()), **expert_linears(model)}
     for name, mask in masks.items():
         module = modules.get(name)
         if isinstance(module, SparseLinear):
@@ -273,6 +275,14 @@ def save_sparse(
         raise SecateursError(f"{type(model).__name__} has no Linear or Conv weight to save sparse")
     tensors, aliases, sizes, dense_linears = _collect(model, min_sparsity, progress, linears, values)
     packed = sum(isinstance(t, PackedTensor) for t in tensors.values())
+    fused = fused_parameters(model)
+    if fused:
+        log.warning(
+            "%d fused MoE expert tensors (%s, ...) are stored dense: the sparse format packs 2-D linear weights only, "
+            "so their zeros are kept but not compacted",
+            len(fused),
+            fused[0],
+        )
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
         with AtomicFolder(out_dir, overwrite) as tmp:

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 
+from secateurs.oneshot.moe import UNROUTED
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.registry import KINDS, all_stages
 
@@ -83,7 +84,8 @@ def _choices(kind: str) -> str:
 
 
 def add_stage_choices(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    """``--method``, ``--allocation``, ``--refine``, ``--update`` (comma-separated axes with ``sweep``)."""
+    """``--method``, ``--allocation``, ``--refine``, ``--update`` (comma-separated axes with ``sweep``), and
+    ``--unrouted-experts``: what the stages do with an MoE expert that has no statistics."""
     pruners, refiners, updates = (", ".join(KINDS[k]) for k in ("pruner", "refiner", "update"))
     if sweep:
         p.add_argument("--methods", default="wanda", metavar="M,...", help=f"pruners: {pruners} (default wanda)")
@@ -108,6 +110,13 @@ def add_stage_choices(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         default=None,
         metavar="none|" + updates.replace(", ", "|"),
         help=f"new values for the kept weights of the final mask: {_choices('update')}",
+    )
+    p.add_argument(
+        "--unrouted-experts",
+        choices=UNROUTED,
+        default=None,
+        help="MoE models: an expert no calibration token was routed to has no statistics; leave it dense or prune "
+        "it by magnitude (default dense)",
     )
 
 
@@ -135,6 +144,8 @@ def recipe_from_args(args) -> Recipe:
         base["pattern"] = args.pattern
     if args.exclude:
         base["exclude"] = list(args.exclude)
+    if getattr(args, "unrouted_experts", None):
+        base["unrouted_experts"] = args.unrouted_experts
     chosen = {}
     for arg in STAGE_ARGS.values():
         name = base[arg]

@@ -4,7 +4,8 @@ A recipe round-trips through a plain dict, JSON and YAML (``to_dict`` / ``from_d
 report holds ``recipe.to_dict()``, so what ran can be run again. The dict names each stage and holds its settings::
 
     {"method": "sparsegpt", "sparsity": 0.7, "pattern": null, "allocation": "owl", "refine": "dsnot",
-     "update": null, "exclude": [], "options": {"method": {"blocksize": 128, "percdamp": 0.01},
+     "update": null, "exclude": [], "unrouted_experts": "dense",
+     "options": {"method": {"blocksize": 128, "percdamp": 0.01},
      "allocation": {"m": 5.0, "lam": 0.08}, "refine": {"cycles": 50, ...}}}
 
 A stage may also be written as ``{"name": "sparsegpt", "blocksize": 64}`` in place of its name. Reports written
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from secateurs.errors import SecateursError
 from secateurs.oneshot.allocations.table import Table
+from secateurs.oneshot.moe import check_unrouted
 from secateurs.oneshot.registry import stage_class
 from secateurs.oneshot.select import NM, check_sparsity, parse_nm
 from secateurs.oneshot.stage import Allocation, Pruner, Refiner, Stage, Target, Update
@@ -70,6 +72,9 @@ class Recipe:
     ``update`` an optional weight update of the final mask: each a config object (``secateurs.oneshot.registry``
     lists them), its registered name, or a dict ``{"name": ..., **settings}``. ``exclude`` holds glob patterns of
     linear names (e.g. ``"*.mlp.down_proj"``) to leave dense. Embeddings and the LM head are never pruned.
+    ``unrouted_experts``: what becomes of an MoE expert that no calibration token was routed to, so that no
+    statistics exist for it: ``"dense"`` (left whole) or ``"magnitude"`` (pruned by |W| to the layer's target); see
+    :mod:`secateurs.oneshot.moe`.
     """
 
     method: Pruner | str | dict = "wanda"
@@ -79,6 +84,7 @@ class Recipe:
     refine: Refiner | str | dict | None = None
     update: Update | str | dict | None = None
     exclude: list[str] = field(default_factory=list)
+    unrouted_experts: str = "dense"
 
     def __post_init__(self) -> None:
         for name, kind in STAGE_FIELDS.items():
@@ -90,6 +96,7 @@ class Recipe:
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
         self.exclude = list(self.exclude)
+        self.unrouted_experts = check_unrouted(self.unrouted_experts)
 
     def stages(self) -> list[Stage]:
         """The stages in the order they run: allocation, pruner, then the optional refiner and update."""
@@ -143,6 +150,7 @@ class Recipe:
             "refine": self.refine.name if self.refine else None,
             "update": self.update.name if self.update else None,
             "exclude": list(self.exclude),
+            "unrouted_experts": self.unrouted_experts,
             "options": options,
         }
 

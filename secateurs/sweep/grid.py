@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.models import find_layers, find_linears
+from secateurs.models import find_layers
+from secateurs.oneshot.moe import expert_linears, layer_linears
 from secateurs.oneshot.recipe import Recipe
 
 
@@ -85,18 +86,20 @@ class Grid:
 
 # ------------------------------------------------------------------------------------------------- dense weights
 def snapshot_linears(model) -> dict[str, torch.Tensor]:
-    """CPU copies of the weights of every linear in the decoder layers (the only tensors pruning changes)."""
+    """CPU copies of the weights of every linear in the decoder layers (the only tensors pruning changes), each MoE
+    expert's included."""
 
     name, layers = find_layers(model)
     return {
         f"{name}.{i}.{n}": m.weight.detach().to("cpu", copy=True)
         for i, layer in enumerate(layers)
-        for n, m in find_linears(layer).items()
+        for n, m in layer_linears(layer).items()
     }
 
 
 @torch.no_grad()
 def restore_linears(model, saved: dict[str, torch.Tensor]) -> None:
     """Put back the weights saved by :func:`snapshot_linears`."""
+    experts = expert_linears(model)  # views of the fused expert parameters: not submodules
     for name, weight in saved.items():
-        model.get_submodule(name).weight.copy_(weight)
+        (experts[name] if name in experts else model.get_submodule(name)).weight.copy_(weight)
