@@ -203,3 +203,18 @@ def test_no_room_for_the_output_is_refused_before_the_walk(low_memory, sharded, 
     )
     assert code == 2 and "secateurs: error: not enough disk for the pruned model: about" in stderr
     assert "GB free in" in stderr and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_torchrun_low_memory_writes_the_single_process_output(sharded, text_file, tmp_path):
+    """Two gloo processes streaming the same shards: rank 0 writes what one process writes."""
+    from test_distributed import torchrun
+
+    from secateurs import cli
+
+    args = [*COMMON, "--calibration", str(text_file), "--low-memory"]
+    done = torchrun("-m", "secateurs", "prune", sharded, *args, "--output", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert cli.main(["prune", str(sharded), *args, "--output", str(tmp_path / "one")]) == 0
+    for name in sorted(p.name for p in (tmp_path / "one").glob("model-*.safetensors")):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
