@@ -34,7 +34,7 @@ from secateurs.merge.delta import (
     save_delta,
 )
 from secateurs.merge.methods import TIES, Method, TaskArithmetic, merge
-from secateurs.merge.tensors import Tensors, add, check_match, float_tensors, load_into, task_vector
+from secateurs.merge.tensors import Tensors, add, check_match, first_mismatch, float_tensors, load_into, task_vector
 
 log = logging.getLogger("secateurs")
 
@@ -47,12 +47,14 @@ def _load(spec: str, dtype: str):
 
 def check_same_model(base_model: torch.nn.Module, model: torch.nn.Module, label: str) -> Tensors:
     """The model's float tensors, after checking it is of the base's class with the base's tensors and shapes."""
+    tensors = float_tensors(model)
     if type(model).__name__ != type(base_model).__name__:
+        problem = first_mismatch(float_tensors(base_model), tensors)
+        first = f" ({problem})" if problem else ""
         raise SecateursError(
-            f"{label} is a {type(model).__name__}, the base a {type(base_model).__name__}: "
+            f"{label} is a {type(model).__name__}, the base a {type(base_model).__name__}{first}: "
             "only models of the base's architecture can be compared or merged"
         )
-    tensors = float_tensors(model)
     check_match(float_tensors(base_model), tensors, label)
     return tensors
 

@@ -52,19 +52,24 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
+def first_mismatch(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> str | None:
+    """What differs first (in the base's order) between two sets of tensors: a missing or extra tensor, or a
+    shape; None when they hold the same names with the same shapes."""
+    for name, t in base.items():
+        if name not in other:
+            return f"it has no tensor {name}"
+        if tuple(other[name].shape) != tuple(t.shape):
+            return f"{name} is {_shape(other[name])} there, {_shape(t)} in the base"
+    extra = next((name for name in other if name not in base), None)
+    return None if extra is None else f"the base has no tensor {extra}"
+
+
 def check_match(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], label: str = "model") -> None:
     """Refuse ``other`` unless it holds exactly the base's tensors with the base's shapes; the error names the
     first tensor (in the base's order) that is missing, extra or of another shape."""
-    for name, t in base.items():
-        if name not in other:
-            raise SecateursError(f"{label} does not match the base: it has no tensor {name}")
-        if tuple(other[name].shape) != tuple(t.shape):
-            raise SecateursError(
-                f"{label} does not match the base: {name} is {_shape(other[name])} there, {_shape(t)} in the base"
-            )
-    extra = [name for name in other if name not in base]
-    if extra:
-        raise SecateursError(f"{label} does not match the base: the base has no tensor {extra[0]}")
+    problem = first_mismatch(base, other)
+    if problem is not None:
+        raise SecateursError(f"{label} does not match the base: {problem}")
 
 
 def task_vector(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]) -> Tensors:

@@ -42,7 +42,13 @@ def models(tmp_path_factory):
     config.intermediate_size = 128
     AutoModelForCausalLM.from_config(config).save_pretrained(wider)
     byte_level_tokenizer().save_pretrained(wider)
+    tied = root / "tied"
+    config = AutoConfig.from_pretrained(base)
+    config.tie_word_embeddings = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(tied)
+    byte_level_tokenizer().save_pretrained(tied)
     return {
+        "tied": tied,
         "base": base,
         "ft1": _finetuned(base, root / "ft1", 1),
         "ft2": _finetuned(base, root / "ft2", 2),
@@ -168,6 +174,7 @@ def test_merge_accepts_a_delta_and_adamerging_runs(models, tmp_path, text_file):
     [
         ("gpt2", "is a GPT2LMHeadModel, the base a LlamaForCausalLM"),
         ("wider", "model.layers.0.mlp.gate_proj.weight is [128, 64] there, [96, 64] in the base"),
+        ("tied", "does not match the base: it has no tensor lm_head.weight"),
     ],
 )
 def test_mismatching_models_are_refused(models, tmp_path, other, message):
