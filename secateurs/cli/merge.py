@@ -86,7 +86,12 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--nsamples", type=int, default=16, help="windows per text (default 16)")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--granularity", choices=["task", "layer"], default="layer", help="AdaMerging: per task or tensor")
-    p.add_argument("--steps", type=int, default=None, help="AdaMerging: Adam steps (default 500)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="AdaMerging: Adam steps (default 500, the paper's; each is a forward and backward pass per task)",
+    )
     p.add_argument("--lr", type=float, default=None, help="AdaMerging: learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=None, help="AdaMerging: windows per task per step (default 16)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="tensors left as the base's")

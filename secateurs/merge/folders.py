@@ -26,6 +26,7 @@ from secateurs.merge.delta import (
     SparseDelta,
     choose_q,
     drop,
+    fingerprint,
     is_delta_folder,
     load_delta,
     make_delta,
@@ -155,6 +156,8 @@ def _checked_delta(base_model, base_tensors: Tensors, folder: str | Path) -> Spa
             f"{folder} is a delta of a {delta.architecture}, the base is a {type(base_model).__name__}"
         )
     check_match(base_tensors, delta.tensors, f"the delta in {folder}")
+    if fingerprint(base_tensors) != delta.base_sha256:
+        raise SecateursError(f"{folder} was made from another base model (its fingerprint differs)")
     return delta
 
 
@@ -168,7 +171,7 @@ def apply_folder(base: str, delta: str | Path, output: str | Path, *, overwrite:
     base_model, tokenizer, base_desc = _load(base, dtype)
     base_tensors = float_tensors(base_model)
     sparse = _checked_delta(base_model, base_tensors, delta)
-    load_into(base_model, sparse.apply(base_tensors))
+    load_into(base_model, sparse.apply(base_tensors, check=False))
     report = {
         "kind": "delta-apply",
         "base": base_desc,

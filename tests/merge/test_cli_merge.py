@@ -194,6 +194,8 @@ def test_delta_of_another_base_and_bad_settings_are_refused(models, tmp_path):
     out = tmp_path / "out"
     line = assert_one_error(*run_main("delta", "apply", models["other_base"], delta, "-o", out))
     assert "another base" in line
+    line = assert_one_error(*run_main("merge", models["other_base"], delta, "--method", "average", "-o", out))
+    assert "another base" in line
     for argv in (
         ("delta", models["base"], models["ft1"], "--drop", "1.0"),
         ("delta", models["base"]),
