@@ -20,6 +20,26 @@ def rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Return freed heap memory to the system. glibc keeps it otherwise: tensors of a few MB (a layer's weights,
+    the tokenizer's work on a long text) land on the heap, and the process stays as large as its largest moment."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process over its lifetime."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -85,13 +85,13 @@ class OnDevice:
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         layers = getattr(parent, attr)
         setattr(parent, attr, nn.ModuleList())
-        try:
-            self.model.to(device)
+        try:  # tensors on the meta device (a streamed model's, not read in) stay there
+            self.model._apply(lambda t: t if t.device.type == "meta" else t.to(device))
         finally:
             setattr(parent, attr, layers)
 
     def __enter__(self):
-        self.home = next(self.model.parameters()).device
+        self.home = next((p.device for p in self.model.parameters() if p.device.type != "meta"), self.device)
         if self.home != self.device:
             self._move(self.device)
         return self

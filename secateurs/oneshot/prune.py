@@ -14,7 +14,7 @@ from torch import nn
 from secateurs import data
 from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
-from secateurs.measure import PeakMemory
+from secateurs.measure import PeakMemory, give_back_memory
 from secateurs.models import check_seqlen, default_device, find_layers, weight_view
 from secateurs.oneshot.allocations.table import Table
 from secateurs.oneshot.distributed import Ranks, _digest
@@ -174,6 +174,7 @@ def prune(
     if ranks.main:
         warn_unused_exclusions(model, recipe)
     windows, calib_meta = calibration_windows(model, recipe, calibration, tokenizer)
+    give_back_memory()  # what tokenising the calibration text took
     fingerprint = model_fingerprint(model)
     identity = {
         "recipe": recipe.to_dict(),

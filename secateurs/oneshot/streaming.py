@@ -31,6 +31,7 @@ from torch import nn
 from secateurs.errors import SecateursError
 from secateurs.format.folder import REPORT_NAME, AtomicFolder
 from secateurs.format.masks import MASKS_NAME, save_masks
+from secateurs.measure import give_back_memory
 from secateurs.models import find_layers
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,16 @@ class Shards:
     @property
     def nbytes(self) -> int:
         return sum((self.folder / name).stat().st_size for name in self.files)
+
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` of the 2-D tensor ``name``, stacked, reading nothing else of it."""
+        file = self.location[name]
+        try:
+            with safe_open(str(self.folder / file), framework="pt") as f:
+                part = f.get_slice(name)
+                return torch.cat([part[r : r + 1] for r in rows]) if rows else part[0:0]
+        except (SafetensorError, OSError) as exc:
+            raise SecateursError(f"cannot read {name} from {file}: {exc}") from None
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names`` (copies in memory), each file opened once and closed again."""
@@ -142,10 +153,10 @@ def outside_names(model: nn.Module, shards: Shards) -> list[str]:
     return [n for n in tensor_names(model) if not n.startswith(f"{layers_name}.") and n in shards.location]
 
 
-def load_outside(model: nn.Module, shards: Shards, dtype: torch.dtype) -> None:
-    """Read the tensors outside the decoder layers in (if they are not), tied ones tied again."""
+def load_outside(model: nn.Module, shards: Shards, dtype: torch.dtype, skip: frozenset[str] = frozenset()) -> None:
+    """Read the tensors outside the decoder layers in (if they are not, and not in ``skip``), tied ones tied again."""
     state = model.state_dict(keep_vars=True)
-    names = [n for n in outside_names(model, shards) if state[n].device.type == "meta"]
+    names = [n for n in outside_names(model, shards) if state[n].device.type == "meta" and n not in skip]
     for name, value in shards.read(names).items():
         _assign(model, name, value, dtype)
     model.tie_weights()
@@ -191,20 +202,62 @@ class Streamed:
         return f"model-{number:05d}-of-{self.total:05d}.safetensors"
 
     def load_outside(self) -> None:
+        """Everything outside the decoder layers in memory (the output's last shard, the perplexity's last step)."""
+        self._lookup_rows(False)
         load_outside(self.model, self.shards, self.dtype)
         self.outside_dropped = False
 
     def prepare(self, layers: nn.ModuleList) -> None:
-        """Before the capture pass, which runs the embeddings and the first layer once."""
-        self.load_outside()
+        """Before the capture pass, which runs the embeddings and the first layer once: the input embedding is not
+        read whole, only the rows of the tokens looked up (see :meth:`_lookup_rows`)."""
+        give_back_memory()
+        embedding = self._embedding_name()
+        load_outside(self.model, self.shards, self.dtype, skip=frozenset({embedding}) if embedding else frozenset())
+        self._lookup_rows(embedding is not None)
+        self.outside_dropped = False
         self._materialize(0)
 
     def enter(self, index: int, layer: nn.Module, device: torch.device) -> None:
         if not self.outside_dropped:
+            self._lookup_rows(False)
             drop_outside(self.model, self.shards)
             self.outside_dropped = True
         self._materialize(index)
         layer.to(device)
+
+    def _embedding_name(self) -> str | None:
+        """The checkpoint name of the input embedding's weight, when it is a plain weight lookup in the shards."""
+        module = self.model.get_input_embeddings()
+        if not isinstance(module, nn.Embedding) or module.max_norm is not None:
+            return None
+        names = {id(m): n for n, m in self.model.named_modules()}
+        name = f"{names[id(module)]}.weight"
+        return name if name in self.shards.location else None
+
+    def _lookup_rows(self, on: bool) -> None:
+        """With ``on``, the input embedding reads from its shard only the rows of the tokens it is asked for (a
+        forward pre-hook swaps in those rows and renumbers the tokens): a 262k-token vocabulary is not read
+        whole for a capture pass that looks up a few thousand tokens. Off removes the hook."""
+        module = self.model.get_input_embeddings()
+        hook = getattr(self, "_rows_hook", None)
+        if hook is not None:  # back to the whole (unread) weight's shape
+            hook.remove()
+            self._rows_hook = None
+            module.weight = nn.Parameter(torch.empty(self._rows_shape, dtype=self.dtype, device="meta"), False)
+        if not on:
+            return
+        name = self._embedding_name()
+        self._rows_shape = tuple(module.weight.shape)
+
+        def rows_only(mod, args):
+            ids = args[0]
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            rows = self.shards.read_rows(name, unique.tolist())
+            mod.weight = nn.Parameter(rows.to(self.dtype).to(ids.device), requires_grad=False)
+            return (inverse.reshape(ids.shape), *args[1:])
+
+        set_module_tensor_to_device(self.model, name, "meta")
+        self._rows_hook = module.register_forward_pre_hook(rows_only)
 
     def leave(self, index: int, layer: nn.Module, final: bool) -> None:
         prefix = f"{self.layers_name}.{index}."
@@ -246,26 +299,6 @@ class Streamed:
         self.written += sum(t.numel() * t.element_size() for t in rest.values())
         index = {"metadata": {"total_size": self.written}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_TRIM = _malloc_trim()
-
-
-def give_back_memory() -> None:
-    """Return the freed heap to the system (glibc keeps it otherwise: freed layers of a few MB per tensor land on the
-    heap, and the process would grow by about half a layer per layer walked)."""
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 def check_disk(output: Path, needed: int, what: str) -> None:

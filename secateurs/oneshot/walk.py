@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateurs.measure import give_back_memory
 from secateurs.models import find_layers, weight_view
 from secateurs.oneshot.capture import capture, layer_output
 from secateurs.oneshot.distributed import Ranks
@@ -253,6 +254,8 @@ def walk(
             W = weight_view(module)
             weight, mask, info = run_stages(full, W, stages, stats.pop(name, None), target)
             W.copy_(weight)
+            del weight
+            give_back_memory()  # each stage's scratch: otherwise the heap keeps the largest linear's few times over
             packed = PackedMask.pack(mask)
             masks[full] = packed
             linear_results.append(
