@@ -59,7 +59,7 @@ ROWS_BLOCK_SCORES = 1 << 22
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k lowest entries along the last dimension (stable: earlier position wins a tie)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)  # contiguous, whatever scores' strides
     if k <= 0:
         return mask
     if scores.dim() == 1:

@@ -227,3 +227,6 @@ def test_row_selection_in_blocks_equals_one_sort(monkeypatch):
     assert torch.equal(select.per_row(scores, 0.4), whole["row"])
     assert torch.equal(select.n_of_m(scores, select.NM(2, 4)), whole["nm"])
     assert whole["row"].sum(1).tolist() == [9] * 37
+    transposed = scores.t().contiguous().t()  # the strides of a Conv1D weight's [out, in] view
+    assert torch.equal(select.per_row(transposed, 0.4), whole["row"])
+    assert torch.equal(select.n_of_m(transposed, select.NM(2, 4)), whole["nm"])
