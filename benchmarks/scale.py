@@ -7,8 +7,9 @@ Protocol (printed with the figures):
   SmolLM2's tokenizer and vocabulary (49152, tied embeddings), fp32, seed 0. Random weights are fine for memory and
   time (the work depends on shapes, not values) and say nothing about quality.
 * ``secateurs prune MODEL --low-memory --method M --sparsity 0.5 --calibration shakespeare --nsamples N --seqlen S
-  --eval none --device cpu`` in a child process; peak RSS is the child's (``wait4``), the model's size is its
-  shard bytes; wall time includes loading and saving.
+  --eval none --device cpu`` in a child process; peak RSS is the child's own high-water mark (VmHWM, read as it
+  exits: not ``wait4``'s, which counts the fork's copy of the parent), the model's size is its shard bytes; wall
+  time includes loading and saving.
 * masks: the ``mask_sha256`` of every linear in report.json, hashed together.
 * distributed: the same command under ``torchrun --standalone --nproc-per-node 2`` against one process, 1 thread
   per process in both (fp32 rounding in the forward passes depends on the thread count); same windows.
@@ -36,6 +37,20 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+# runs the command line in a child and writes the child's own peak resident memory (VmHWM, which starts afresh at
+# exec: a fork's copy of this process's memory is not counted) to SECATEURS_BENCH_HWM when it exits
+CHILD = """
+import atexit, os, sys
+def report():
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith("VmHWM"))
+    with open(os.environ["SECATEURS_BENCH_HWM"], "w") as f:
+        f.write(kb)
+atexit.register(report)
+from secateurs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 KILL_AFTER = """
 import os, signal, sys
@@ -106,17 +121,21 @@ def write_model(folder: Path, layers: int, hidden: int, intermediate: int) -> in
 
 
 def run(argv: list[str], *, threads: int, env_extra: dict | None = None, script: str | None = None) -> dict:
-    """Run a command in a child; its exit code, wall seconds and peak RSS (bytes)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    """Run a command in a child: its exit code, wall seconds and (for ``secateurs`` commands, run through
+    :data:`CHILD`) its own peak resident memory in bytes."""
+    hwm = Path(tempfile.mkstemp(prefix="hwm-")[1])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "SECATEURS_BENCH_HWM": str(hwm)}
+    env.update(env_extra or {})
+    if script is None and argv[:3] == [sys.executable, "-m", "secateurs"]:
+        script, argv = CHILD, argv[3:]
     command = [sys.executable, "-c", script, *argv] if script else argv
     start = time.perf_counter()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seconds = time.perf_counter() - start
-    stderr = child.stderr.read().decode(errors="replace")
-    child.stderr.close()
-    code = os.waitstatus_to_exitcode(status)
-    return {"code": code, "seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "stderr": stderr[-2000:]}
+    text = hwm.read_text().strip()
+    hwm.unlink(missing_ok=True)
+    peak = int(text) * 1024 if text else None
+    return {"code": done.returncode, "seconds": seconds, "peak_rss": peak, "stderr": done.stderr.decode()[-2000:]}
 
 
 def prune_args(model: Path, out: Path, args, method: str) -> list[str]:
