@@ -183,8 +183,6 @@ def _zero_shot(model, tokenizer, args, label: str):
 
 def _streamed_folder(args):
     """The local folder to stream layer by layer (--low-memory, or weights larger than the free memory), or None."""
-    from pathlib import Path
-
     from secateurs.models import resolve_folder
     from secateurs.oneshot.streaming import should_stream
 
@@ -197,15 +195,15 @@ def _streamed_folder(args):
         return folder
     if folder is not None and should_stream(folder):
         log.info("%s would not fit in the free memory: streaming it layer by layer (as with --low-memory)", folder)
-        return Path(folder)
+        return folder
     return None
 
 
 def _check_room(model, output, progress_dir) -> None:
     """Refuse, before the walk, an output (and run state) that the disk has no room for."""
+    from secateurs.format.folder import check_disk
     from secateurs.oneshot.moe import expert_linears
     from secateurs.oneshot.prune import linear_names
-    from secateurs.oneshot.streaming import check_disk
 
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     linears = {**dict(model.named_modules()), **expert_linears(model)}  # MoE experts are views, not modules

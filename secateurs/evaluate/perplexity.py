@@ -86,12 +86,24 @@ def perplexity(
     was_training = model.training
     model.eval()
     for row in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
-        ids = row.unsqueeze(0).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+        total += window_nll(model, row, device)
     model.train(was_training)
+    return perplexity_result(total, windows, bos, source, available_windows)
+
+
+def window_nll(model, row: torch.Tensor, device: torch.device) -> float:
+    """Mean NLL of one window [seqlen] over its seqlen-1 shifted targets (batch 1)."""
+    ids = row.unsqueeze(0).to(device)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+
+
+def perplexity_result(
+    total_nll: float, windows: torch.Tensor, bos: bool, source: str, available_windows: int | None
+) -> PerplexityResult:
+    """The result of the protocol from the sum over ``windows`` of their mean NLLs."""
     n, seqlen = windows.shape
-    nll = total / n
+    nll = total_nll / n
     if available_windows == n:
         available_windows = None
     return PerplexityResult(math.exp(nll), nll, n, seqlen, bos, n * (seqlen - 1), source, available_windows)

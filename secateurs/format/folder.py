@@ -58,6 +58,18 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def check_disk(output: Path, needed: int, what: str) -> None:
+    """Refuse, before any work, an output whose file system has less room than ``needed`` bytes (``what`` names it)."""
+    base = output
+    while not base.exists():
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    if free < needed:
+        raise SecateursError(
+            f"not enough disk for {what}: about {needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free in {base}"
+        )
+
+
 def is_output_folder(path: str | Path) -> bool:
     """Whether ``path`` holds what secateurs writes (a report, a sparse checkpoint or masks)."""
     return any((Path(path) / name).is_file() for name in OUTPUT_MARKERS)

@@ -107,7 +107,7 @@ class Ranks:
         naming the first that differs and the ranks that disagree."""
         if not self.several:
             return
-        digests = {name: _digest(value) for name, value in parts.items()}
+        digests = {name: digest(value) for name, value in parts.items()}
         gathered: list[dict] = [None] * self.world  # type: ignore[list-item]
         dist.all_gather_object(gathered, digests)
         for name in parts:
@@ -120,7 +120,8 @@ class Ranks:
                 )
 
 
-def _digest(value: object) -> str:
+def digest(value: object) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes, or of a JSON-able value."""
     if isinstance(value, torch.Tensor):
         data = value.detach().to("cpu").contiguous()
         payload = f"{data.dtype}{tuple(data.shape)}".encode() + data.view(torch.uint8).numpy().tobytes()

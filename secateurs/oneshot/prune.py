@@ -17,7 +17,7 @@ from secateurs.errors import SecateursError
 from secateurs.measure import PeakMemory, give_back_memory
 from secateurs.models import check_seqlen, default_device, find_layers, weight_view
 from secateurs.oneshot.allocations.table import Table
-from secateurs.oneshot.distributed import Ranks, _digest
+from secateurs.oneshot.distributed import Ranks, digest
 from secateurs.oneshot.moe import layer_linears, warn_unrouted
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.result import PruneReport
@@ -175,15 +175,18 @@ def prune(
         warn_unused_exclusions(model, recipe)
     windows, calib_meta = calibration_windows(model, recipe, calibration, tokenizer)
     give_back_memory()  # what tokenising the calibration text took
-    fingerprint = model_fingerprint(model)
-    identity = {
-        "recipe": recipe.to_dict(),
-        "calibration window": _digest(windows) if windows is not None else None,
-        "model": fingerprint,
-        "device type": device.type,
-    }
-    ranks.check_same(**identity)
-    state = _open_state(checkpoint, resume, identity, ranks)
+    state = None
+    if (
+        checkpoint is not None or resume or ranks.several
+    ):  # what the run is: compared across ranks and with a stopped run
+        identity = {
+            "recipe": recipe.to_dict(),
+            "calibration window": digest(windows) if windows is not None else None,
+            "model": model_fingerprint(model),
+            "device type": device.type,
+        }
+        ranks.check_same(**identity)
+        state = _open_state(checkpoint, resume, identity, ranks)
     if windows is not None and ranks.several:
         windows = windows[ranks.share(len(windows))]
     layers_name, layers = find_layers(model)

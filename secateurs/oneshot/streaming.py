@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from secateurs.dtypes import resolve_dtype
 from secateurs.errors import SecateursError
 from secateurs.format.folder import REPORT_NAME, AtomicFolder
 from secateurs.format.masks import MASKS_NAME, save_masks
@@ -124,6 +125,7 @@ def open_streamed(folder: str | Path, dtype="auto") -> tuple[nn.Module, object, 
     folder = Path(folder)
     shards = Shards(folder)
     config = AutoConfig.from_pretrained(folder)
+    dtype = resolve_dtype(dtype)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -172,7 +174,7 @@ def drop_outside(model: nn.Module, shards: Shards) -> None:
 
 
 def tensor_names(module: nn.Module) -> list[str]:
-    """What a checkpoint of ``module`` holds: its parameters and persistent buffers (tied ones once)."""
+    """The names of ``module``'s parameters and persistent buffers (a tied parameter under each of its names)."""
     return list(module.state_dict(keep_vars=True))
 
 
@@ -191,8 +193,8 @@ class Streamed:
         self.model, self.shards = model, shards
         self.folder = Path(folder) if folder is not None else None
         self.write = write and self.folder is not None
-        self.layers_name, layers = find_layers(model)
-        self.total = len(layers) + 1  # one shard per decoder layer, one for the rest
+        self.layers_name, self.layers = find_layers(model)
+        self.total = len(self.layers) + 1  # one shard per decoder layer, one for the rest
         self.dtype = next(p.dtype for p in model.parameters() if p.device.type != "meta" and p.is_floating_point())
         self.weight_map: dict[str, str] = {}
         self.written = 0
@@ -271,11 +273,11 @@ class Streamed:
         give_back_memory()
 
     def _materialize(self, index: int) -> None:
-        _, layers = find_layers(self.model)
-        if all(t.device.type != "meta" for t in layers[index].state_dict().values()):
+        layer = self.layers[index]
+        if all(t.device.type != "meta" for t in layer.state_dict().values()):
             return
         prefix = f"{self.layers_name}.{index}."
-        for name, value in self.shards.read([prefix + n for n in tensor_names(layers[index])]).items():
+        for name, value in self.shards.read([prefix + n for n in tensor_names(layer)]).items():
             _assign(self.model, name, value, self.dtype)
 
     def finish(self) -> None:
@@ -299,18 +301,6 @@ class Streamed:
         self.written += sum(t.numel() * t.element_size() for t in rest.values())
         index = {"metadata": {"total_size": self.written}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def check_disk(output: Path, needed: int, what: str) -> None:
-    """Refuse, before the walk, an output whose file system has less room than ``needed`` bytes."""
-    base = output
-    while not base.exists():
-        base = base.parent
-    free = shutil.disk_usage(base).free
-    if free < needed:
-        raise SecateursError(
-            f"not enough disk for {what}: about {needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free in {base}"
-        )
 
 
 class StreamedOutput:
@@ -369,12 +359,9 @@ def streamed_perplexity(
     through one decoder layer at a time (each read once), then through the model's own forward with the layers
     replaced by the hidden states so computed, for the final norm, the LM head and the loss. The same operations as
     a whole-model forward, window by window, so the same figure."""
-    import math
-
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from secateurs.evaluate.perplexity import PerplexityResult
+    from secateurs.evaluate.perplexity import perplexity_result, window_nll
     from secateurs.oneshot.capture import OnDevice, Replay, layer_output, record
 
     layers_name, layers = find_layers(model)
@@ -392,12 +379,6 @@ def streamed_perplexity(
     with OnDevice(model, layers_name, device), Replay(layers, bool(rec.tuple_output)) as replay:
         for j, row in enumerate(windows):
             replay.output = hidden[j]
-            ids = row.unsqueeze(0).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+            total += window_nll(model, row, device)
             hidden[j] = None
-    n, seqlen = windows.shape
-    nll = total / n
-    if available_windows == n:
-        available_windows = None
-    return PerplexityResult(math.exp(nll), nll, n, seqlen, bos, n * (seqlen - 1), source, available_windows)
+    return perplexity_result(total, windows, bos, source, available_windows)

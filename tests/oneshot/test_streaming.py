@@ -118,24 +118,12 @@ def test_cli_low_memory_writes_what_the_in_memory_prune_saves(sharded, text_file
     assert json.loads(stdout)["perplexity"] == reports[1]["perplexity"]["pruned"]["perplexity"]
 
 
-KILLED = """
-import os, signal, sys
-from secateurs.cli import main
-from secateurs.oneshot.resume import RunState
-real = RunState.save_layer
-def save_then_die(self, index, *args, **kwargs):
-    real(self, index, *args, **kwargs)
-    if index == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-RunState.save_layer = save_then_die
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_cli_low_memory_resumes_after_sigkill(sharded, text_file, tmp_path):
     import os
     import subprocess
     import sys
+
+    from test_resume import KILLED  # the command line, killed by SIGKILL once layer 1 is saved
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
@@ -218,3 +206,11 @@ def test_torchrun_low_memory_writes_the_single_process_output(sharded, text_file
     for name in sorted(p.name for p in (tmp_path / "one").glob("model-*.safetensors")):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def test_a_dtype_given_by_name_is_streamed_in_that_dtype(sharded, tmp_path):
+    model, tokenizer, shards = open_streamed(sharded, "bfloat16")
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    with StreamedOutput(model, shards, tokenizer, tmp_path / "out") as residence:
+        secateurs.prune(model, "wanda", windows(), device="cpu", progress=False, residence=residence)
+        assert residence.layers[0].self_attn.q_proj.weight.device.type == "meta"
