@@ -31,7 +31,8 @@ from secateurs.oneshot.select import NM
 SUM_SQUARES = "sq_norm"  # sum x_j^2 per input feature
 GRAM = "H_sum"  # sum x x^T (the Hessian of the layer-wise reconstruction loss, up to 2/n)
 MEAN = "x_sum"  # sum x_j (means and, with SUM_SQUARES, variances)
-STATISTICS = (SUM_SQUARES, GRAM, MEAN)
+WINDOW_SQUARES = "window_sq"  # sum over windows of (sum of x_j in the window)^2 / tokens of the window
+STATISTICS = (SUM_SQUARES, GRAM, MEAN, WINDOW_SQUARES)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,17 @@ class Pruner(Stage):
         """``W`` [rows, cols] (a copy: free to modify); ``stats`` the linear's InputStats (None without ``needs``)."""
         raise NotImplementedError
 
+    def score(self, W: torch.Tensor, stats) -> torch.Tensor | None:
+        """The pruner's saliency of each weight of the dense ``W`` (lower: pruned first), for a refiner that ranks by
+        "the initial method's own score"; None when the pruner has no single score."""
+        return None
+
+    def reconstruct(self, W_dense: torch.Tensor, W: torch.Tensor, mask: torch.Tensor, stats, target: Target):
+        """For a pruner that sets new values for the kept weights: the same reconstruction on another ``mask`` (a
+        :class:`StageOutput`), so that a refiner's changed mask gets weights solved for it; None for a pruner that
+        keeps the dense values."""
+        return None
+
 
 @dataclass(frozen=True)
 class Refiner(Stage):
@@ -128,7 +140,11 @@ class Refiner(Stage):
     def applies(self, name: str) -> bool:
         return not self.targets or any(fnmatch.fnmatchcase(name, pat) for pat in self.targets)
 
-    def refine(self, W_dense: torch.Tensor, W: torch.Tensor, mask: torch.Tensor, stats, target: Target) -> StageOutput:
+    def refine(
+        self, W_dense: torch.Tensor, W: torch.Tensor, mask: torch.Tensor, stats, target: Target, pruner=None
+    ) -> StageOutput:
+        """``pruner``: the :class:`Pruner` that chose ``mask`` (for its :meth:`Pruner.score` and
+        :meth:`Pruner.reconstruct`), or None."""
         raise NotImplementedError
 
 

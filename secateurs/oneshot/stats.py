@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from secateurs.oneshot.stage import GRAM, MEAN, STATISTICS, SUM_SQUARES
+from secateurs.oneshot.stage import GRAM, MEAN, STATISTICS, SUM_SQUARES, WINDOW_SQUARES
 
 
 @dataclass
@@ -25,12 +25,17 @@ class InputStats:
     sq_norm: torch.Tensor | None = None  # sum x_j^2, [cols]
     H_sum: torch.Tensor | None = None  # sum x x^T, [cols, cols]
     x_sum: torch.Tensor | None = None  # sum x_j, [cols]
+    window_sq: torch.Tensor | None = None  # sum over windows w of (sum_{t in w} x_tj)^2 / L_w, [cols]
 
     def add(self, x: torch.Tensor, wanted: Iterable[str]) -> None:
         """Add one window's (or batch's) inputs [..., cols]; ``wanted`` names the sums to keep (fp64 until
         :meth:`finish`)."""
         wanted = set(wanted)
         self.nsamples += x.shape[0] if x.dim() > 2 else 1
+        if WINDOW_SQUARES in wanted and x.numel():
+            per_window = x.reshape(-1, x.shape[-2], x.shape[-1]).float() if x.dim() > 1 else x.reshape(1, 1, -1)
+            sums = per_window.sum(1)
+            self.window_sq = _plus(self.window_sq, (sums * sums).sum(0) / per_window.shape[1])
         x = x.reshape(-1, x.shape[-1]).float()
         self.ntokens += x.shape[0]
         if SUM_SQUARES in wanted:
@@ -54,6 +59,11 @@ class InputStats:
         """Per-feature mean and (population) variance over all tokens (needs the sums of x and x^2)."""
         mean = self.x_sum / self.ntokens
         return mean, (self.sq_norm / self.ntokens - mean * mean).clamp_min(0)
+
+    def window_var(self) -> torch.Tensor:
+        """Per-feature variance within each window, averaged over windows weighted by their tokens (needs the sums
+        of x^2 and of the window sums squared): what accumulating ``torch.var`` window by window gives."""
+        return ((self.sq_norm - self.window_sq) / self.ntokens).clamp_min(0)
 
 
 def _plus(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:

@@ -131,8 +131,11 @@ def run_stages(
     out = _checked(stages.pruner, stages.pruner.prune(W.detach().clone(), stats, target), W, W_dense)
     weight, mask, info = out.weight, out.mask, dict(out.info)
     for stage in later:
-        run = stage.refine if isinstance(stage, Refiner) else stage.update
-        out = _checked(stage, run(W_dense, weight, mask, stats, target), W, W_dense)
+        if isinstance(stage, Refiner):
+            out = stage.refine(W_dense, weight, mask, stats, target, pruner=stages.pruner)
+        else:
+            out = stage.update(W_dense, weight, mask, stats, target)
+        out = _checked(stage, out, W, W_dense)
         weight, mask = out.weight, out.mask
         info[stage.name] = out.info
     return weight, mask, info

@@ -24,3 +24,6 @@ class Magnitude(Pruner):
 
     def prune(self, W: torch.Tensor, stats, target: Target) -> StageOutput:
         return StageOutput(W, magnitude_mask(W, target.sparsity, target.nm))
+
+    def score(self, W: torch.Tensor, stats) -> torch.Tensor:
+        return W.detach().abs().float()

@@ -217,3 +217,6 @@ class RIA(Pruner):
         scores = ria_scores(W, stats.sq_norm, stats.nsamples, self.a)
         mask, info = ria_mask(scores, target.sparsity, target.nm, self.per_row, self.permute, self.permute_blocks)
         return StageOutput(W, mask, info)
+
+    def score(self, W: torch.Tensor, stats) -> torch.Tensor:
+        return ria_scores(W, stats.sq_norm, stats.nsamples, self.a)

@@ -160,6 +160,27 @@ class SparseGPT(OBSSettings, Pruner):
         )
         return StageOutput(new_W, mask, _info(details))
 
+    def score(self, W: torch.Tensor, stats) -> torch.Tensor:
+        """w^2 / U_jj^2 over the whole dense matrix, U the upper Cholesky factor of (H + damp)^-1: the saliency
+        SparseGPT ranks by, computed once without its column-by-column updates (as DSnoT's reference does)."""
+        return sparsegpt_scores(W, stats.H_sum, stats.nsamples, self.percdamp)
+
+    def reconstruct(self, W_dense, W, mask, stats, target: Target) -> StageOutput:
+        return SparseGPTUpdate(self.blocksize, self.percdamp).update(W_dense, W, mask, stats, target)
+
+
+def sparsegpt_scores(W: torch.Tensor, H_sum: torch.Tensor, nsamples: int, percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT's saliency w_ij^2 / [U_jj]^2 of every weight of W, from one factorisation (inputs that never fired:
+    weight treated as zero)."""
+    with fp32_matmul():
+        H = hessian(H_sum.to(W.device), nsamples)
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        Wf = W.detach().float().clone()
+        Wf[:, dead] = 0
+        U, _, _ = inverse_hessian_factor(H, percdamp)
+        return Wf**2 / torch.diag(U).reshape(1, -1) ** 2
+
 
 @dataclass(frozen=True)
 class SparseGPTUpdate(OBSSettings, Update):

@@ -36,3 +36,6 @@ class Wanda(Pruner):
 
     def prune(self, W: torch.Tensor, stats, target: Target) -> StageOutput:
         return StageOutput(W, wanda_mask(W, stats.sq_norm, stats.nsamples, target.sparsity, target.nm))
+
+    def score(self, W: torch.Tensor, stats) -> torch.Tensor:
+        return wanda_scores(W, stats.sq_norm, stats.nsamples)

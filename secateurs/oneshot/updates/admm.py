@@ -276,3 +276,6 @@ class ADMMGradual(ADMMSettings, Pruner):
             self.group,
         )
         return StageOutput(new_W.to(W.dtype), mask, info)
+
+    def reconstruct(self, W_dense, W, mask, stats, target: Target) -> StageOutput:
+        return ADMM(iters=self.iters, rho=self.rho, percdamp=self.percdamp).update(W_dense, W, mask, stats, target)
