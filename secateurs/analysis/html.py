@@ -198,6 +198,86 @@ ERROR_CAPTION = (
 )
 
 
+DIFFICULTY_CAPTION = (
+    "Retained accuracy = (pruned acc − chance) / (dense acc − chance) against sparsity, one line per zero-shot "
+    "task, one panel per method: 1 (dotted) keeps all of the dense model's skill above chance, 0 (grey) is "
+    "chance. Colour runs from the easiest task (dark) to the hardest (light). Error bars: lm-eval's standard "
+    "error of the pruned accuracy, divided by (dense − chance). ES = the task's essential sparsity: the highest "
+    "swept sparsity up to which retained accuracy stays ≥ {thr:g} (dashed green line) at every swept sparsity."
+)
+
+
+def _difficulty_section(results: Results) -> str:
+    """The task-difficulty view: do harder tasks lose more when pruned? (figure, definitions, tables)."""
+    from secateurs.analysis.difficulty import RETAINED_THRESHOLD, task_rows
+
+    rows = task_rows(results)
+    if not rows:
+        return ""
+    series = list(dict.fromkeys(name for row in rows for name in row.curves))
+    head = (
+        "<tr><th class=l>task (easiest first)</th><th>declared difficulty</th><th>choices</th><th>chance</th>"
+        "<th>examples</th><th>dense accuracy</th>" + "".join(f"<th>ES {_e(name)}</th>" for name in series) + "</tr>"
+    )
+    body = []
+    for row in rows:
+        body.append(
+            f'<tr data-task="{_e(row.task)}"><td class=l>{_e(row.task)}</td>'
+            f"<td>{fmt(row.difficulty, 'g')}</td><td>{fmt(row.choices, 'd')}</td>"
+            f'<td title="{_e(row.note)}">{row.chance:.3f}</td><td>{fmt(row.examples, "d")}</td>'
+            f"<td>{_pm(row.dense, row.dense_stderr)}</td>"
+            + "".join(f"<td>{row.essential[name].label() if row.essential.get(name) else '–'}</td>" for name in series)
+            + "</tr>"
+        )
+    parts = [
+        '<section id="difficulty"><h2>Task difficulty</h2>',
+        '<p class="lead">Do harder tasks lose more? Small-magnitude weights may look useless for easy tasks yet '
+        "carry what hard tasks need (the “Junk DNA” hypothesis, arXiv 2310.02277): if so, the harder the task, "
+        "the sooner its accuracy falls towards chance as sparsity grows.</p>",
+        _figure(
+            plots.difficulty_plot(results, RETAINED_THRESHOLD),
+            "retained accuracy against sparsity per task",
+            DIFFICULTY_CAPTION.format(thr=RETAINED_THRESHOLD),
+            "fig-difficulty",
+        ),
+        f'<table id="difficulty-table"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>',
+        '<p class="muted">Difficulty order: the level declared in the task’s metadata (<code>metadata: '
+        "difficulty</code>; 1 = easiest) where there is one, ties broken by dense accuracy; tasks without one "
+        "after them, by dense accuracy (lower = harder). Chance: declared in the task’s metadata, else 1/choices "
+        "averaged over the documents scored, else 0 (hover the value for its source). "
+        f"<b>Essential sparsity (ES)</b>: the highest swept sparsity s such that retained accuracy is ≥ "
+        f"{RETAINED_THRESHOLD:g} at s and at every lower swept sparsity; “&lt; s”: already short at the lowest "
+        "swept sparsity; “≥ s”: never short. Accuracy is lm-eval’s acc_norm where the task reports it (summed "
+        "log-probability of each choice divided by its length in characters), else acc; ± its standard error.</p>",
+    ]
+    for name in series:
+        sparsities = sorted({p.sparsity for row in rows for p in row.curves.get(name, [])})
+        head = "<tr><th class=l>task</th>" + "".join(f"<th>{s:g}</th>" for s in sparsities) + "</tr>"
+        body = []
+        for row in rows:
+            by_sparsity = {p.sparsity: p for p in row.curves.get(name, [])}
+            cells = []
+            for s in sparsities:
+                point = by_sparsity.get(s)
+                if point is None:
+                    cells.append("<td>–</td>")
+                    continue
+                retained = "" if point.retained is None else f" <span class=muted>({point.retained:.2f})</span>"
+                cells.append(f"<td>{_pm(point.accuracy, point.stderr)}{retained}</td>")
+            body.append(f"<tr><td class=l>{_e(row.task)}</td>{''.join(cells)}</tr>")
+        parts.append(
+            f"<h3>{_e(name)}: accuracy ± standard error (retained accuracy) at each sparsity</h3>"
+            f'<table class="difficulty-series" data-series="{_e(name)}"><thead>{head}</thead>'
+            f"<tbody>{''.join(body)}</tbody></table>"
+        )
+    parts.append("</section>")
+    return "\n".join(p for p in parts if p)
+
+
+def _pm(value: float, error: float | None) -> str:
+    return f"{value:.3f}" + (f" ± {error:.3f}" if isinstance(error, (int, float)) and math.isfinite(error) else "")
+
+
 def render_page(results: Results, tolerance: float = DEFAULT_TOLERANCE, note: str | None = None) -> str:
     """The whole page as one string; ``note`` (e.g. that a sweep is incomplete) is shown first, as a warning."""
     sweep = results.kind == "sweep"
@@ -234,6 +314,8 @@ def render_page(results: Results, tolerance: float = DEFAULT_TOLERANCE, note: st
         "× dense: perplexity ratio to the dense model; mean output error: mean over layers of the relative output "
         "reconstruction error (see below).</p></section>"
     )
+    if sweep:
+        parts.append(_difficulty_section(results))
     if results.outlier_ratios:
         alloc_caption = OUTLIER_CAPTION + ALLOCATION_CAPTION
     else:

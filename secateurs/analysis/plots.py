@@ -226,3 +226,55 @@ def _layer_ticks(ax, count: int) -> None:
     step = max(1, math.ceil(count / 30))
     ax.set_xticks(range(0, count, step))
     ax.set_xlim(-0.6, count - 0.4)
+
+
+def difficulty_plot(results: Results, threshold: float | None = None) -> bytes | None:
+    """Retained accuracy vs sparsity, one line per task (colour: easiest dark to hardest light), one panel per
+    series; error bars are lm-eval's standard error scaled by (dense − chance)."""
+    from secateurs.analysis.difficulty import RETAINED_THRESHOLD, task_rows
+
+    threshold = RETAINED_THRESHOLD if threshold is None else threshold
+    rows = [row for row in task_rows(results, threshold) if row.curves]
+    series = list(dict.fromkeys(name for name in results.curves() for row in rows if name in row.curves))
+    if not rows or not series:
+        return None
+    cols = min(len(series), 3)
+    lines = math.ceil(len(series) / cols)
+    fig = Figure(figsize=(4.6 * cols + 0.6, 4.4 * lines + 0.4), layout="constrained")
+    axes = fig.subplots(lines, cols, sharey=True, squeeze=False).ravel()
+    colors = colormaps["plasma"]
+    for ax, name in zip(axes, series, strict=False):
+        ax.axhline(1.0, color="black", linewidth=1, linestyle=":")
+        ax.axhline(threshold, color="#2ca02c", linewidth=0.9, linestyle="--")
+        ax.axhline(0.0, color="#999999", linewidth=0.9)
+        for i, row in enumerate(rows):
+            points = [p for p in row.curves.get(name, []) if p.retained is not None]
+            if not points:
+                continue
+            scale = row.dense - row.chance
+            xs = [0.0, *(p.sparsity for p in points)]
+            ys = [1.0, *(p.retained for p in points)]
+            errors = [0.0, *((p.stderr or 0.0) / scale for p in points)]
+            essential = row.essential.get(name)
+            label = f"{row.task} ({row.order_label}): ES {essential.label() if essential else '–'}"
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=errors,
+                color=colors(0.85 * i / max(len(rows) - 1, 1)),
+                marker="o",
+                markersize=4,
+                linewidth=1.6,
+                capsize=2,
+                label=label,
+            )
+        ax.set_title(name)
+        ax.set_xlabel("sparsity (0 = dense)")
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5, loc="lower left")
+    for ax in axes[len(series) :]:
+        ax.set_visible(False)
+    for ax in axes[::cols]:
+        ax.set_ylabel("retained accuracy  (acc − chance) / (dense − chance)")
+    return _png(fig)

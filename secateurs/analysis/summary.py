@@ -105,6 +105,8 @@ class Results:
     cells: list[dict]
     dense_perplexity: dict | None = None  # PerplexityResult dict of the dense model
     outlier_ratios: list[float] | None = None  # per decoder layer, from a dense pass (OWL's D_l)
+    dense_zero_shot: dict | None = None  # ZeroShotResult dict of the dense model (sweeps with --tasks)
+    task_facts: dict | None = None  # task -> TaskFacts dict (chance, choices, declared difficulty)
     settings: dict = field(default_factory=dict)  # shared protocol, shown on the page
     title: str = ""
 

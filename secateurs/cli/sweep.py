@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 
 from secateurs.analysis.summary import DEFAULT_TOLERANCE
-from secateurs.cli.options import add_common, add_eval, bos_choice
+from secateurs.cli.options import add_common, add_eval, add_tasks, bos_choice
 from secateurs.cli.stages import add_stage_choices, add_stage_settings, given_settings
 from secateurs.data.calibration import Calibration
 from secateurs.errors import Interrupted, SecateursError
+from secateurs.evaluate.zeroshot import parse_tasks
 from secateurs.sweep import CELLS, Grid, Sweep
 
 
@@ -47,6 +48,7 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window, calibration and evaluation")
     p.add_argument("--seed", type=int, default=0)
     add_eval(p, "bible")
+    add_tasks(p)
     p.add_argument(
         "--knee-tolerance",
         type=float,
@@ -67,6 +69,8 @@ def run(args) -> dict:
         raise SecateursError("sweep needs an evaluation text (--eval SOURCE)")
     if args.knee_tolerance < 0:
         raise SecateursError(f"--knee-tolerance must be >= 0, got {args.knee_tolerance}")
+    if args.num_fewshot:
+        raise SecateursError("sweep scores tasks zero-shot: --num-fewshot is not supported here")
     patterns = _split(args.patterns)
     sparsities = args.sparsities if args.sparsities is not None else ([] if patterns else [0.5, 0.6, 0.7])
     grid = Grid(
@@ -92,6 +96,9 @@ def run(args) -> dict:
         tolerance=args.knee_tolerance,
         fresh=args.fresh,
         progress=not args.quiet,
+        tasks=parse_tasks(args.tasks),
+        limit=args.limit,
+        batch_size=args.batch_size,
     )
     try:
         return sweep.run()

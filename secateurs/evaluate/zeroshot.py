@@ -271,6 +271,66 @@ def check_tasks(names: str | Sequence[str]) -> list[str]:
     return names
 
 
+# ------------------------------------------------------------------------------------------------ task facts
+@dataclass
+class TaskFacts:
+    """What the task-difficulty view needs to know of a task besides its scores."""
+
+    task: str
+    chance: float  # expected accuracy of a uniform guess among the choices (0 when unknown)
+    choices: int | None  # choices per example when every example has the same number, else None
+    difficulty: float | None  # the ``metadata: difficulty`` of the task's YAML (1 = easiest), None if undeclared
+    note: str = ""  # how ``chance`` was found
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _evaluated_docs(task, limit) -> list:
+    """The documents lm-eval scores for ``task`` under ``limit`` (its eval split, first N or a fraction)."""
+    docs = list(task.eval_docs)
+    if isinstance(limit, float):
+        return docs[: int(math.ceil(len(docs) * limit))]
+    return docs if limit is None else docs[:limit]
+
+
+def facts_of(name: str, task, limit: int | float | None = None) -> TaskFacts:
+    """Chance, number of choices and declared difficulty of one loaded lm-eval task.
+
+    ``chance`` is the ``metadata: chance`` of the task's YAML when declared, else the mean of 1/len(choices) over
+    the documents scored (the first ``limit``); a task that is not multiple choice gets 0, with a note.
+    """
+    metadata = dict(getattr(task.config, "metadata", None) or {})
+    difficulty = metadata.get("difficulty")
+    declared = isinstance(difficulty, (int, float)) and not isinstance(difficulty, bool)
+    difficulty = float(difficulty) if declared else None
+    if task.OUTPUT_TYPE != "multiple_choice":
+        return TaskFacts(name, 0.0, None, difficulty, f"{task.OUTPUT_TYPE} task: chance taken as 0")
+    try:
+        counts = [len(task.doc_to_choice(doc)) for doc in _evaluated_docs(task, limit)]
+    except Exception as exc:  # a task whose documents cannot be listed: chance unknown
+        counts, error = [], _first_line(exc)
+    else:
+        error = "no documents"
+    choices = counts[0] if counts and len(set(counts)) == 1 else None
+    declared = metadata.get("chance")
+    if isinstance(declared, (int, float)) and not isinstance(declared, bool):
+        return TaskFacts(name, float(declared), choices, difficulty, "declared in the task's metadata")
+    if counts and min(counts) > 0:
+        chance = sum(1 / n for n in counts) / len(counts)
+        return TaskFacts(name, chance, choices, difficulty, f"1/choices, mean over {len(counts)} documents")
+    return TaskFacts(name, 0.0, None, difficulty, f"choices unknown ({error}): chance taken as 0")
+
+
+def task_facts(names: str | Sequence[str], limit: int | float | None = None) -> dict[str, TaskFacts]:
+    """:class:`TaskFacts` of every task named (groups give their subtasks), after checking that each loads.
+
+    Raises the one-line :class:`SecateursError` of :func:`load_tasks` for an unknown task or unreachable data.
+    """
+    loaded = load_tasks(names)
+    return {name: facts_of(name, task, limit) for name, task in loaded["tasks"].items()}
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def _check_options(limit, num_fewshot, batch_size) -> None:
     if limit is not None:

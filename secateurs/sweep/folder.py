@@ -200,6 +200,8 @@ class SweepFolder:
             cells=sorted(cells.values(), key=lambda c: c["key"]),
             dense_perplexity=dense.get("perplexity") if dense else None,
             outlier_ratios=dense.get("outlier_ratios") if dense else None,
+            dense_zero_shot=dense.get("zero_shot") if dense else None,
+            task_facts=dense.get("task_facts") if dense else None,
             settings={
                 **settings,
                 "evaluation": {
@@ -221,6 +223,7 @@ class SweepFolder:
 
     def write_outputs(self, tolerance: float = DEFAULT_TOLERANCE) -> dict:
         """Rebuild ``results.json``, ``results.csv`` and ``report.html`` from the cell files; return the JSON."""
+        from secateurs.analysis.difficulty import difficulty_summary
         from secateurs.analysis.html import render_page
 
         results = self.results()
@@ -251,6 +254,7 @@ class SweepFolder:
                 for name, k in knees.items()
             },
             "rows": rows,
+            **({"task_difficulty": difficulty_summary(results)} if results.dense_zero_shot else {}),
             "folder": str(self.path),
         }
         write_json(self.path / "results.json", summary)

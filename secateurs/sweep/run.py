@@ -14,6 +14,7 @@ from secateurs import data
 from secateurs.analysis.summary import DEFAULT_TOLERANCE
 from secateurs.api import default_eval_windows, evaluate
 from secateurs.data.calibration import Calibration
+from secateurs.evaluate.zeroshot import task_facts, zero_shot
 from secateurs.measure import versions
 from secateurs.models import check_seqlen, default_device, find_layers, load_model
 from secateurs.oneshot.allocations.owl import OWL
@@ -43,23 +44,29 @@ class Sweep:
     tolerance: float = DEFAULT_TOLERANCE
     fresh: bool = False
     progress: bool = True
+    tasks: list[str] = field(default_factory=list)  # zero-shot tasks scored at every cell (lm-eval names)
+    limit: int | float | None = None  # first N examples per task
+    batch_size: int | str = 8  # zero-shot requests per forward pass
 
     def settings(self, recipes: list[Recipe]) -> dict:
         """What every cell shares; a folder's cells are only comparable (and reusable) under equal settings."""
         path = Path(self.model).expanduser()
         shared = {"exclude": list(self.grid.exclude), "stages": self.grid.stage_settings(recipes)}
         windows = default_eval_windows(self.eval_source) if self.eval_windows == "auto" else self.eval_windows
+        evaluation = {
+            "source": self.eval_source,
+            "description": data.describe_source(self.eval_source),
+            "seqlen": self.calibration.seqlen,
+            "windows": windows,
+            "bos": self.bos,
+        }
+        if self.tasks:  # only then: folders of sweeps without tasks keep their settings
+            evaluation["tasks"] = {"names": list(self.tasks), "limit": self.limit, "num_fewshot": 0}
         return {
             "model": str(path.resolve()) if path.exists() else self.model,
             "dtype": self.dtype,
             "calibration": {**self.calibration.to_dict(), "description": data.describe_source(self.calibration.source)},
-            "evaluation": {
-                "source": self.eval_source,
-                "description": data.describe_source(self.eval_source),
-                "seqlen": self.calibration.seqlen,
-                "windows": windows,
-                "bos": self.bos,
-            },
+            "evaluation": evaluation,
             "recipe": shared,
         }
 
@@ -70,6 +77,7 @@ class Sweep:
             if isinstance(recipe.allocation, Table):
                 recipe.allocation.check_file()
         device = default_device(self.device)
+        facts = task_facts(self.tasks, self.limit) if self.tasks else {}  # a bad task name fails here, at once
         settings = self.settings(recipes)
         folder = SweepFolder(self.output)
         with folder.lock():
@@ -103,6 +111,16 @@ class Sweep:
                 )
                 return result.to_dict(), time.perf_counter() - start
 
+            def accuracy() -> dict:
+                """The cell's zero-shot scores (``{}`` without tasks)."""
+                if not self.tasks:
+                    return {}
+                result = zero_shot(
+                    model, tokenizer, self.tasks, limit=self.limit, batch_size=self.batch_size, progress=self.progress
+                )
+                log.info("accuracy in %.1f s  [%s]\n%s", result.seconds, result.protocol, result.table())
+                return {"zero_shot": result.to_dict()}
+
             def finish(cell: dict) -> None:
                 cell.update(format=FORMAT, settings_hash=settings_hash, finished=_now())
                 folder.write_cell(cell)
@@ -131,6 +149,8 @@ class Sweep:
                         "model_description": description,
                         "perplexity": ppl,
                         "eval_seconds": seconds,
+                        **accuracy(),
+                        **({"task_facts": {name: f.to_dict() for name, f in facts.items()}} if facts else {}),
                         "outlier_ratios": ratios,
                         "layer_names": [f"{layers_name}.{i}" for i in range(len(ratios))],
                         "versions": versions(),
@@ -161,6 +181,7 @@ class Sweep:
                             "report": report.to_dict(),
                             "perplexity": ppl,
                             "eval_seconds": seconds,
+                            **accuracy(),
                         }
                     )
                     ratio = f" ({ppl['perplexity'] / dense_ppl:.2f}x dense)" if dense_ppl else ""
