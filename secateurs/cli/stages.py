@@ -15,6 +15,7 @@ import logging
 from secateurs.oneshot.moe import UNROUTED
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.registry import KINDS, all_stages
+from secateurs.oneshot.stage import NUMBER_OR_AUTO, number_or_auto
 
 log = logging.getLogger("secateurs")
 
@@ -57,6 +58,10 @@ def add_setting_flags(group, settings, dest_of, list_metavar: str = "GLOB") -> N
         elif kind == "bool":
             group.add_argument(
                 *flags, dest=dest_of(name, field), action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        elif kind == NUMBER_OR_AUTO:
+            group.add_argument(
+                *flags, dest=dest_of(name, field), type=number_or_auto, default=None, metavar="X|auto", help=text
             )
         else:
             convert = {"int": int, "float": float}.get(kind, str)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from secateurs.errors import SecateursError
-from secateurs.models import PRUNABLE, weight_view
+from secateurs.models import PRUNABLE, find_layers, weight_view
 from secateurs.oneshot.pruners.magnitude import magnitude_mask
 from secateurs.oneshot.stage import Target
 
@@ -354,3 +354,23 @@ def warn_unrouted(layers: list) -> None:
         ", ".join(experts[:4]),
         ", ..." if len(experts) > 4 else "",
     )
+
+
+def snapshot_linears(model) -> dict[str, torch.Tensor]:
+    """CPU copies of the weights of every linear in the decoder layers (the only tensors pruning changes), each MoE
+    expert's included."""
+
+    name, layers = find_layers(model)
+    return {
+        f"{name}.{i}.{n}": m.weight.detach().to("cpu", copy=True)
+        for i, layer in enumerate(layers)
+        for n, m in layer_linears(layer).items()
+    }
+
+
+@torch.no_grad()
+def restore_linears(model, saved: dict[str, torch.Tensor]) -> None:
+    """Put back the weights saved by :func:`snapshot_linears`."""
+    experts = expert_linears(model)  # views of the fused expert parameters: not submodules
+    for name, weight in saved.items():
+        (experts[name] if name in experts else model.get_submodule(name)).weight.copy_(weight)

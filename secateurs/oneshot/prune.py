@@ -16,12 +16,14 @@ from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
 from secateurs.measure import PeakMemory, give_back_memory
 from secateurs.models import check_seqlen, default_device, find_layers, weight_view
+from secateurs.oneshot.allocations.owl import OWL
 from secateurs.oneshot.allocations.table import Table
 from secateurs.oneshot.distributed import Ranks, digest
 from secateurs.oneshot.moe import layer_linears, warn_unrouted
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.result import PruneReport
 from secateurs.oneshot.resume import RunState, model_fingerprint
+from secateurs.oneshot.search import search_owl
 from secateurs.oneshot.select import nm_per_layer
 from secateurs.oneshot.stage import Target
 from secateurs.oneshot.walk import InMemory, LinearStages, dense_walk, prunable_linears, walk
@@ -192,7 +194,8 @@ def prune(
     layers_name, layers = find_layers(model)
     layer_names = [f"{layers_name}.{i}" for i in range(len(layers))]
     allocation = recipe.allocation
-    measures = None
+    measures = search = None
+    stages = LinearStages(recipe.method, recipe.refine, recipe.update, recipe.unrouted_experts)
     start = time.perf_counter()
     was_training = model.training
     model.eval()  # no dropout while collecting statistics
@@ -200,6 +203,19 @@ def prune(
         if state is not None and state.allocation is not None:
             sparsities, measures = state.allocation["sparsities"], state.allocation["measures"]
         else:
+            if isinstance(allocation, OWL) and allocation.searching:
+                _check_search(residence, ranks)
+                allocation, search = search_owl(
+                    model,
+                    allocation,
+                    stages,
+                    lambda sparsities: layer_targets(recipe, sparsities),
+                    recipe.sparsity,
+                    windows,
+                    device,
+                    skip=recipe.excluded,
+                    progress=progress,
+                )
             if allocation.needs:
                 measures = dense_walk(
                     model,
@@ -218,7 +234,7 @@ def prune(
                 state.save_allocation(sparsities, measures)
         results, masks = walk(
             model,
-            LinearStages(recipe.method, recipe.refine, recipe.update, recipe.unrouted_experts),
+            stages,
             layer_targets(recipe, sparsities),
             windows,
             device,
@@ -247,4 +263,14 @@ def prune(
         peak_cuda_bytes=mem.peak_cuda,
         layers=layers_out,
         masks=masks,
+        allocation_search=search,
     )
+
+
+def _check_search(residence, ranks: Ranks) -> None:
+    """OWL's auto settings need the model in memory (its dense weights are put back after each candidate) and one
+    process."""
+    if residence is not None and type(residence) is not InMemory:
+        raise SecateursError("--owl-lambda/--owl-m auto needs the model in memory: not with --low-memory")
+    if ranks.several:
+        raise SecateursError("--owl-lambda/--owl-m auto runs in one process: not under torchrun")

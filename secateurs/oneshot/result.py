@@ -73,6 +73,7 @@ class PruneReport:
     peak_cuda_bytes: int | None
     layers: list[dict]
     versions: dict = field(default_factory=versions)
+    allocation_search: dict | None = None  # OWL auto: the candidates tried and the one chosen
     masks: dict[str, PackedMask] = field(default_factory=dict, repr=False)
 
     @property

@@ -52,6 +52,19 @@ class StageOutput:
     info: dict = field(default_factory=dict)
 
 
+NUMBER_OR_AUTO = "float | str"  # the type of a setting that is a number or "auto" (chosen by a search)
+
+
+def number_or_auto(text: str) -> float | str:
+    """A command-line value of a number-or-auto setting."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number or auto, got {text!r}") from None
+
+
 def option(default, help: str, **kwargs):
     """A stage setting: its default and the help text its command-line flag shows."""
     if isinstance(default, (list, tuple)):
@@ -93,6 +106,12 @@ class Stage:
 
 def _typed(stage: str, name: str, kind: str, value):
     """A setting read from a file or a dict, checked against its field's type (one clear error otherwise)."""
+    if kind == NUMBER_OR_AUTO:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SecateursError(f"{stage}: setting {name} must be a number or auto, got {value!r}")
     if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind.startswith("tuple") and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):

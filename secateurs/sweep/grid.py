@@ -6,11 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from secateurs.errors import SecateursError
-from secateurs.models import find_layers
-from secateurs.oneshot.moe import expert_linears, layer_linears
+from secateurs.oneshot.moe import restore_linears, snapshot_linears  # noqa: F401 (the sweep's names for them)
 from secateurs.oneshot.recipe import Recipe
 
 
@@ -82,24 +79,3 @@ class Grid:
                 if stage.name != "table":
                     out[f"{stage.kind}:{stage.name}"] = stage.options()
         return dict(sorted(out.items()))
-
-
-# ------------------------------------------------------------------------------------------------- dense weights
-def snapshot_linears(model) -> dict[str, torch.Tensor]:
-    """CPU copies of the weights of every linear in the decoder layers (the only tensors pruning changes), each MoE
-    expert's included."""
-
-    name, layers = find_layers(model)
-    return {
-        f"{name}.{i}.{n}": m.weight.detach().to("cpu", copy=True)
-        for i, layer in enumerate(layers)
-        for n, m in layer_linears(layer).items()
-    }
-
-
-@torch.no_grad()
-def restore_linears(model, saved: dict[str, torch.Tensor]) -> None:
-    """Put back the weights saved by :func:`snapshot_linears`."""
-    experts = expert_linears(model)  # views of the fused expert parameters: not submodules
-    for name, weight in saved.items():
-        (experts[name] if name in experts else model.get_submodule(name)).weight.copy_(weight)
