@@ -89,6 +89,7 @@ class TaskRow:
     dense_stderr: float | None
     note: str = ""
     examples: int | None = None
+    metric: str = "acc"  # the lm-eval metric scored (see METRICS)
     curves: dict[str, list[TaskPoint]] = field(default_factory=dict)  # series -> points by sparsity
     essential: dict[str, TaskEssential | None] = field(default_factory=dict)
 
@@ -97,13 +98,14 @@ class TaskRow:
         return f"level {self.difficulty:g}" if self.difficulty is not None else f"dense acc {self.dense:.3f}"
 
 
-def _score(zero_shot: dict | None, task: str) -> tuple[float, float | None, int | None] | None:
+def _score(zero_shot: dict | None, task: str) -> tuple[float, float | None, int | None, str] | None:
     entry = ((zero_shot or {}).get("tasks") or {}).get(task)
     metric = next((m for m in METRICS if m in (entry or {}).get("metrics", {})), None)
     if metric is None:
         return None
     stderr = entry.get("stderr", {}).get(metric)
-    return entry["metrics"][metric], stderr if isinstance(stderr, (int, float)) else None, entry.get("examples")
+    error = stderr if isinstance(stderr, (int, float)) else None
+    return entry["metrics"][metric], error, entry.get("examples"), metric
 
 
 def task_rows(results: Results, threshold: float = RETAINED_THRESHOLD) -> list[TaskRow]:
@@ -129,6 +131,7 @@ def task_rows(results: Results, threshold: float = RETAINED_THRESHOLD) -> list[T
             dense_stderr=score[1],
             note=info.get("note", ""),
             examples=score[2],
+            metric=score[3],
         )
         for cell in results.cells:
             recipe = cell["recipe"]
@@ -167,6 +170,7 @@ def difficulty_summary(results: Results, threshold: float = RETAINED_THRESHOLD) 
                 "chance_note": row.note,
                 "choices": row.choices,
                 "examples": row.examples,
+                "metric": row.metric,
                 "dense": {"acc": row.dense, "stderr": row.dense_stderr},
                 "series": {
                     series: {

@@ -217,7 +217,9 @@ def _difficulty_section(results: Results) -> str:
     series = list(dict.fromkeys(name for row in rows for name in row.curves))
     head = (
         "<tr><th class=l>task (easiest first)</th><th>declared difficulty</th><th>choices</th><th>chance</th>"
-        "<th>examples</th><th>dense accuracy</th>" + "".join(f"<th>ES {_e(name)}</th>" for name in series) + "</tr>"
+        "<th>examples</th><th class=l>metric</th><th>dense accuracy</th>"
+        + "".join(f"<th>ES {_e(name)}</th>" for name in series)
+        + "</tr>"
     )
     body = []
     for row in rows:
@@ -225,6 +227,7 @@ def _difficulty_section(results: Results) -> str:
             f'<tr data-task="{_e(row.task)}"><td class=l>{_e(row.task)}</td>'
             f"<td>{fmt(row.difficulty, 'g')}</td><td>{fmt(row.choices, 'd')}</td>"
             f'<td title="{_e(row.note)}">{row.chance:.3f}</td><td>{fmt(row.examples, "d")}</td>'
+            f"<td class=l>{_e(row.metric)}</td>"
             f"<td>{_pm(row.dense, row.dense_stderr)}</td>"
             + "".join(f"<td>{row.essential[name].label() if row.essential.get(name) else '–'}</td>" for name in series)
             + "</tr>"
