@@ -45,15 +45,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"essential sparsity (ES): highest swept sparsity with retained >= {args.threshold:g} there and below\n")
 
     series = list(dict.fromkeys(name for row in rows for name in row.curves))
-    print("| task | level | chance | n | dense | " + " | ".join(f"ES {s}" for s in series) + " |")
+    print("| task | level | chance | n | dense |" + "".join(f" ES {s} |" for s in series))
     print("|---|---|---|---|---|" + "---|" * len(series))
     for row in rows:
         es = [row.essential[s].label() if row.essential.get(s) else "–" for s in series]
         level = "–" if row.difficulty is None else f"{row.difficulty:g}"
         print(
-            f"| {row.task} | {level} | {row.chance:.3f} | {row.examples} | {pm(row.dense, row.dense_stderr)} | "
-            + " | ".join(es)
-            + " |"
+            f"| {row.task} | {level} | {row.chance:.3f} | {row.examples} | {pm(row.dense, row.dense_stderr)} |"
+            + "".join(f" {e} |" for e in es)
         )
     for name in series:
         sparsities = sorted({p.sparsity for row in rows for p in row.curves.get(name, [])})
