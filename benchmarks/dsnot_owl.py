@@ -27,6 +27,7 @@ from secateurs.api import LOCAL_EVAL_WINDOWS
 from secateurs.evaluate.perplexity import eval_windows, perplexity
 from secateurs.models import load_model
 
+ALLOCATIONS = {"uniform": "uniform", "owl": "owl", "owl-auto": {"name": "owl", "lam": "auto"}}
 REFINES = {
     "none": None,
     "secateurs": {"name": "dsnot", "variant": "secateurs"},
@@ -42,6 +43,8 @@ def cells(args) -> list[dict]:
                 continue
             for method in args.methods:
                 for allocation in args.allocations:
+                    if allocation == "owl" and pattern == "2:4":
+                        continue  # OWL's N_l = round(4 * s_l) is 2 for every layer at lambda <= 0.12: uniform 2:4
                     for refine in args.refines:
                         out.append(
                             {
@@ -67,7 +70,7 @@ def run_cell(cell: dict, args, evaluation) -> dict:
         method=cell["method"],
         pattern=cell["pattern"] if nm else None,
         sparsity=0.5 if nm else float(cell["pattern"]),
-        allocation=cell["allocation"],
+        allocation=ALLOCATIONS[cell["allocation"]],
         refine=REFINES[cell["refine"]],
     )
     start = time.perf_counter()
@@ -84,6 +87,7 @@ def run_cell(cell: dict, args, evaluation) -> dict:
         "mean_output_error": sum(errors) / len(errors) if errors else None,
         "sparsity": report.sparsity,
         "recipe": report.recipe,
+        "allocation_search": report.allocation_search,
     }
 
 
@@ -120,7 +124,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON lines, appended; rows already there are skipped")
     parser.add_argument("--methods", default="wanda,sparsegpt", type=lambda s: s.split(","))
     parser.add_argument("--patterns", default="0.7,0.6,2:4", type=lambda s: s.split(","))
-    parser.add_argument("--allocations", default="uniform,owl", type=lambda s: s.split(","))
+    parser.add_argument(
+        "--allocations", default="uniform,owl", type=lambda s: s.split(","), help="of: uniform, owl, owl-auto"
+    )
     parser.add_argument("--refines", default="none,secateurs,reference", type=lambda s: s.split(","))
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--seeded-patterns", default="0.7", type=lambda s: s.split(","))
@@ -128,6 +134,12 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=LOCAL_EVAL_WINDOWS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        type=lambda s: tuple(int(x) for x in s.split("/")),
+        help="I/N: run every N-th cell from the I-th (several processes, one thread each, share one --out)",
+    )
     parser.add_argument("--table", action="store_true", help="print the table of what --out holds, run nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,7 +159,8 @@ def main() -> None:
             with out.open("a") as f:
                 f.write(json.dumps({"key": "dense", "perplexity": dense, "model": desc}) + "\n")
         del model
-        todo = [c for c in cells(args) if key(c) not in done]
+        index, count = args.shard
+        todo = [c for i, c in enumerate(cells(args)) if key(c) not in done and i % count == index]
         for i, cell in enumerate(todo):
             row = {"key": key(cell), **run_cell(cell, args, evaluation)}
             done[row["key"]] = row

@@ -34,6 +34,19 @@ _EXTRA_COMMANDS = {
 }
 
 
+def _batch(text: str) -> int | str:
+    """``--calibration-batch``: a positive integer or auto."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="secateurs", description="Prune Hugging Face causal language models and measure what it cost."
@@ -92,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on a GPU, keep the calibration hidden states in pinned CPU memory between layers (GPU memory then "
         "holds one layer and one window's activations)",
+    )
+    p.add_argument(
+        "--calibration-batch",
+        type=_batch,
+        default=1,
+        metavar="N|auto",
+        help="calibration windows run through a layer at once (default 1; auto: as many as a quarter of the free "
+        "memory holds); statistics are still summed window by window",
     )
     p.add_argument(
         "--resume",
@@ -307,6 +328,7 @@ def cmd_prune(args) -> dict:
             resume=args.resume,
             residence=residence,
             offload_activations=args.offload_activations,
+            calibration_batch=args.calibration_batch,
         )
         if ranks.several:
             log.info("pruned on %d processes (%s)", ranks.world, torch.distributed.get_backend())

@@ -102,9 +102,10 @@ class OnDevice:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, progress: bool = True):
-    """Record the first layer's input hidden states and every layer's keyword arguments, per window."""
-    rec = record(model, calibration, device, progress)
+def capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, progress: bool = True, batch: int = 1):
+    """Record the first layer's input hidden states and every layer's keyword arguments, per batch of ``batch``
+    windows (each hidden state [batch, seqlen, hidden]; the last batch may be smaller)."""
+    rec = record(model, calibration, device, progress, batch)
     return rec.inputs, rec.calls
 
 
@@ -139,17 +140,19 @@ class Replay:
 
 
 @torch.no_grad()
-def record(model: nn.Module, calibration: torch.Tensor, device: torch.device, progress: bool = True) -> Recorder:
-    """The capture pass: the :class:`Recorder` holding each window's inputs to layer 0 and every layer's arguments
-    (and the layers' output convention)."""
+def record(
+    model: nn.Module, calibration: torch.Tensor, device: torch.device, progress: bool = True, batch: int = 1
+) -> Recorder:
+    """The capture pass: the :class:`Recorder` holding each window's (or batch of ``batch`` windows') inputs to layer
+    0 and every layer's arguments (and the layers' output convention)."""
     layers_name, layers = find_layers(model)
     layer0_home = next(layers[0].parameters()).device
     layers[0].to(device)
     try:
         with OnDevice(model, layers_name, device), Recorder(layers) as rec:
-            for row in tqdm(calibration, desc="capturing inputs", disable=not progress, leave=False):
+            for rows in tqdm(calibration.split(batch), desc="capturing inputs", disable=not progress, leave=False):
                 try:
-                    model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                    model(input_ids=rows.to(device), use_cache=False)
                 except LastLayerRecorded:
                     pass
     finally:

@@ -193,6 +193,12 @@ def _fused_modules(model: nn.Module) -> list[tuple[str, nn.Module, Layout]]:
     return out
 
 
+def has_experts(model: nn.Module) -> bool:
+    """Whether ``model`` has mixture-of-experts blocks (fused experts, or expert linears under an ``experts``
+    module): their linears see the tokens routed to them, not whole windows."""
+    return bool(_fused_modules(model)) or any("experts" in name.split(".") for name, _ in model.named_modules())
+
+
 def expert_linears(model: nn.Module) -> dict[str, ExpertLinear]:
     """Every expert linear of every fused experts module in ``model``, by full name (e.g.
     ``model.layers.3.mlp.experts.5.gate_proj``): the names the walk gives their masks."""

@@ -19,7 +19,7 @@ from secateurs.models import check_seqlen, default_device, find_layers, weight_v
 from secateurs.oneshot.allocations.owl import OWL
 from secateurs.oneshot.allocations.table import Table
 from secateurs.oneshot.distributed import Ranks, digest
-from secateurs.oneshot.moe import layer_linears, warn_unrouted
+from secateurs.oneshot.moe import has_experts, layer_linears, warn_unrouted
 from secateurs.oneshot.recipe import Recipe
 from secateurs.oneshot.result import PruneReport
 from secateurs.oneshot.resume import RunState, model_fingerprint
@@ -149,6 +149,7 @@ def prune(
     resume: bool = False,
     residence: InMemory | None = None,
     offload_activations: bool = False,
+    calibration_batch: int | str = 1,
 ) -> PruneReport:
     """Prune ``model`` in place, layer by layer, and report what was done (the masks included, packed).
 
@@ -167,6 +168,12 @@ def prune(
     :class:`secateurs.oneshot.streaming.Streamed`). ``offload_activations``: on a GPU, keep the calibration hidden
     states in pinned CPU memory between layers (each window visits the GPU for its turn only): GPU memory then
     holds one layer and one window's activations.
+
+    ``calibration_batch``: how many calibration windows go through a layer at once (an integer, or ``"auto"``: as
+    many as a quarter of the free memory of the compute device holds, by :func:`choose_batch`). The statistics are
+    still summed window by window, so they are the same sums; the forward passes of a batch may round differently
+    in the last bits than one window at a time, so masks can differ at near-ties. MoE models run one window at a
+    time (their experts see routed tokens, which do not split by window).
     """
     recipe = as_recipe(recipe)
     device = default_device(device) if not isinstance(device, torch.device) else device
@@ -177,6 +184,9 @@ def prune(
         warn_unused_exclusions(model, recipe)
     windows, calib_meta = calibration_windows(model, recipe, calibration, tokenizer)
     give_back_memory()  # what tokenising the calibration text took
+    batch = choose_batch(calibration_batch, model, windows, device)
+    if calib_meta is not None and batch > 1:
+        calib_meta = {**calib_meta, "batch": batch}
     state = None
     if (
         checkpoint is not None or resume or ranks.several
@@ -186,6 +196,7 @@ def prune(
             "calibration window": digest(windows) if windows is not None else None,
             "model": model_fingerprint(model),
             "device type": device.type,
+            **({"calibration batch": batch} if batch > 1 else {}),
         }
         ranks.check_same(**identity)
         state = _open_state(checkpoint, resume, identity, ranks)
@@ -215,6 +226,7 @@ def prune(
                     device,
                     skip=recipe.excluded,
                     progress=progress,
+                    batch=batch,
                 )
             if allocation.needs:
                 measures = dense_walk(
@@ -228,6 +240,7 @@ def prune(
                     ranks=ranks,
                     residence=residence,
                     offload=offload_activations,
+                    batch=batch,
                 )
             sparsities = allocation.allocate(recipe.sparsity, layer_names, measures)
             if state is not None:
@@ -245,6 +258,7 @@ def prune(
             state=state,
             residence=residence,
             offload=offload_activations,
+            batch=batch,
         )
     model.train(was_training)
     if ranks.main:
@@ -265,6 +279,37 @@ def prune(
         masks=masks,
         allocation_search=search,
     )
+
+
+def choose_batch(spec: int | str, model: nn.Module, windows: torch.Tensor | None, device: torch.device) -> int:
+    """The calibration batch: ``spec`` windows (at most all of them), or for ``"auto"`` as many as fit in a quarter of
+    the free memory of ``device`` by a rough estimate of one window's transient activations in a decoder layer
+    (4 bytes x seqlen x (4 hidden + 3 MLP width) plus the attention scores, heads x seqlen^2); 1 for MoE models."""
+    if windows is None:
+        return 1
+    if spec == "auto":
+        config = getattr(model, "config", None)
+        hidden = getattr(config, "hidden_size", None) or 4096
+        width = getattr(config, "intermediate_size", None) or 4 * hidden
+        heads = getattr(config, "num_attention_heads", None) or 32
+        seqlen = windows.shape[1]
+        per_window = 4 * seqlen * (4 * hidden + 3 * width) + 4 * heads * seqlen * seqlen
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        batch = max(1, int(free // 4 // per_window))
+    elif isinstance(spec, int) and not isinstance(spec, bool) and spec >= 1:
+        batch = spec
+    else:
+        raise SecateursError(f"calibration batch must be a positive integer or auto, got {spec!r}")
+    batch = min(batch, len(windows))
+    if batch > 1 and has_experts(model):
+        log.info("calibration batch 1: an MoE model's experts see routed tokens, which do not split by window")
+        return 1
+    return batch
 
 
 def _check_search(residence, ranks: Ranks) -> None:

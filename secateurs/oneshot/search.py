@@ -56,6 +56,7 @@ def search_owl(
     *,
     skip=lambda name: False,
     progress: bool = True,
+    batch: int = 1,
 ) -> tuple[OWL, dict]:
     """The OWL allocation with its auto settings chosen, and the search's record (candidates and their scores).
 
@@ -70,7 +71,9 @@ def search_owl(
         scores = [wanda_scores(W, stats[n].sq_norm, stats[n].nsamples) for n, W in weights.items()]
         return {m: outlier_ratio(scores, m) for m in ms}
 
-    measured = dense_walk(model, calib, device, ratios, wanted=owl.needs, skip=skip, progress=False) if ms else []
+    measured = (
+        dense_walk(model, calib, device, ratios, wanted=owl.needs, skip=skip, progress=False, batch=batch) if ms else []
+    )
     layers = find_layers(model)[1]
     dense = snapshot_linears(model)  # the only tensors pruning changes
 
@@ -89,7 +92,8 @@ def search_owl(
                 rows.append({**record, "skipped": str(exc)})
                 continue
             began = time.perf_counter()
-            walk(model, stages, layer_targets(sparsities), calib, device, skip=skip, track_error=False, progress=False)
+            targets = layer_targets(sparsities)
+            walk(model, stages, targets, calib, device, skip=skip, track_error=False, progress=False, batch=batch)
             model_device = next(model.parameters()).device
             nll = sum(window_nll(model, row, model_device) for row in held) / len(held)
             restore()

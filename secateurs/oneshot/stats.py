@@ -27,9 +27,18 @@ class InputStats:
     x_sum: torch.Tensor | None = None  # sum x_j, [cols]
     window_sq: torch.Tensor | None = None  # sum over windows w of (sum_{t in w} x_tj)^2 / L_w, [cols]
 
-    def add(self, x: torch.Tensor, wanted: Iterable[str]) -> None:
-        """Add one window's (or batch's) inputs [..., cols]; ``wanted`` names the sums to keep (fp64 until
-        :meth:`finish`)."""
+    def add(self, x: torch.Tensor, wanted: Iterable[str], windows: int = 1) -> None:
+        """Add one window's inputs [..., cols]; ``wanted`` names the sums to keep (fp64 until :meth:`finish`).
+
+        ``windows`` > 1: ``x`` holds that many windows of equal length ([windows, L, cols] or [windows * L, cols]),
+        and each window's sums are added on their own, in order: a batch adds exactly what its windows one by one
+        would."""
+        if windows > 1:
+            if x.shape[-1] == 0 or x.numel() % (windows * x.shape[-1]):
+                raise ValueError(f"inputs of shape {tuple(x.shape)} do not split into {windows} windows")
+            for part in x.reshape(windows, 1, -1, x.shape[-1]):
+                self.add(part, wanted)
+            return
         wanted = set(wanted)
         self.nsamples += x.shape[0] if x.dim() > 2 else 1
         if WINDOW_SQUARES in wanted and x.numel():
@@ -89,6 +98,7 @@ class StatsCollector:
     def __init__(self, stats: dict[str, InputStats], wanted: Iterable[str]):
         self.stats, self.wanted = stats, check_statistics(wanted)
         self.seen: dict[tuple, tuple[torch.Tensor, InputStats]] = {}
+        self.windows = 1  # calibration windows in the batch now running through the layer
 
     def hook(self, name: str):
         def accumulate(module, inputs, output):
@@ -97,7 +107,7 @@ class StatsCollector:
             if key in self.seen:
                 self.stats[name] = self.seen[key][1]
                 return
-            self.stats[name].add(x, self.wanted)
+            self.stats[name].add(x, self.wanted, self.windows)
             self.seen[key] = (x, self.stats[name])
 
         return accumulate

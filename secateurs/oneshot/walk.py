@@ -102,6 +102,7 @@ def _run_collecting(layer, linears, hidden, calls, wanted, keep_outputs: bool, r
     outputs = []
     try:
         for h, call in zip(hidden, calls, strict=True):
+            collector.windows = h.shape[0]  # a batch of windows: their sums are added window by window
             out = layer_output(call(layer, parking.fetch(h)))
             collector.next_window()
             if keep_outputs:
@@ -174,6 +175,7 @@ def dense_walk(
     ranks: Ranks | None = None,
     residence: InMemory | None = None,
     offload: bool = False,
+    batch: int = 1,
 ) -> list:
     """One pass through the dense model: ``per_layer(index, weights, stats)`` for each decoder layer.
 
@@ -184,7 +186,7 @@ def dense_walk(
     layers_name, layers = find_layers(model)
     residence.prepare(layers)
     parking = Parking(device, offload)
-    hidden, calls = capture(model, calibration, device, progress)
+    hidden, calls = capture(model, calibration, device, progress, batch)
     hidden = parking.park_all(hidden)
     results = []
     for index in tqdm(range(len(layers)), desc="dense statistics", disable=not progress):
@@ -215,12 +217,14 @@ def walk(
     state: RunState | None = None,
     residence: InMemory | None = None,
     offload: bool = False,
+    batch: int = 1,
 ) -> tuple[list[LayerResult], dict[str, PackedMask]]:
     """Prune every decoder layer in order, layer ``i`` to ``targets[i]``; return the results and the masks.
 
     ``calibration`` holds this rank's share of the windows; ``state`` (if given) records each finished layer, and
     the layers it already holds are restored rather than pruned again. ``offload`` keeps the hidden states in CPU
-    memory between layers when the compute device is a GPU.
+    memory between layers when the compute device is a GPU. ``batch`` windows go through each layer at once (their
+    statistics are still added window by window).
     """
     ranks, residence = ranks or Ranks.current(), residence or InMemory()
     layers_name, layers = find_layers(model)
@@ -231,7 +235,7 @@ def walk(
     parking = Parking(device, offload)
     if wanted:
         residence.prepare(layers)
-        hidden, calls = capture(model, calibration, device, progress)
+        hidden, calls = capture(model, calibration, device, progress, batch)
         hidden = parking.park_all(hidden)
     results, masks = [], {}
     first = 0
