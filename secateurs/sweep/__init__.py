@@ -10,6 +10,11 @@ a run with other settings is refused unless ``--fresh`` (which discards the old 
 
 The folder also holds ``cells/dense.json``: the dense model's perplexity and per-layer outlier ratios, from
 one pass through the dense model, so every sweep can show its outlier profile.
+
+With ``tasks`` (``--tasks``), every cell and the dense model are also scored zero-shot through lm-eval
+(:mod:`secateurs.evaluate.zeroshot`), the scores stored in the cell files; the dense cell also records each task's
+chance, choices and declared difficulty, from which the page draws its task-difficulty view
+(:mod:`secateurs.analysis.difficulty`). The task names are checked before the model is loaded.
 """
 
 from secateurs.sweep.folder import (
