@@ -115,3 +115,26 @@ def test_lm_eval_loads_the_family_offline(monkeypatch):
 def test_licence_note_names_the_tasks():
     text = (ROOT / "secateurs" / "data" / "corpora" / "LICENSES.md").read_text()
     assert "bible_next_" in text and "public domain" in text.lower()
+
+
+class FakeTask:
+    """Just what facts_of reads of an lm-eval task."""
+
+    def __init__(self, output_type, docs, metadata=None):
+        self.OUTPUT_TYPE, self.eval_docs = output_type, docs
+        self.config = type("Config", (), {"metadata": metadata or {}})()
+
+    def doc_to_choice(self, doc):
+        return doc["choices"]
+
+
+def test_chance_of_tasks_without_declared_metadata():
+    from secateurs.evaluate.zeroshot import facts_of
+
+    mixed = FakeTask("multiple_choice", [{"choices": ["a", "b"]}, {"choices": ["a", "b", "c", "d"]}] * 3)
+    facts = facts_of("mixed", mixed)
+    assert facts.chance == pytest.approx((1 / 2 + 1 / 4) / 2) and facts.choices is None and facts.difficulty is None
+    assert facts_of("mixed", mixed, limit=1).chance == 0.5 and facts_of("mixed", mixed, limit=1).choices == 2
+    generative = facts_of("gen", FakeTask("generate_until", [{"choices": []}], {"difficulty": 3}))
+    assert (generative.chance, generative.difficulty) == (0.0, 3.0) and "chance taken as 0" in generative.note
+    assert facts_of("none", FakeTask("multiple_choice", [])).chance == 0.0
