@@ -3,9 +3,9 @@
 Model loading (:mod:`secateurs.models`) and the sparse runtime build on this module, so it imports neither; its
 public functions are re-exported by :mod:`secateurs.checkpoint`. A sparse folder looks like a Hugging Face one
 (``config.json``, generation config, tokenizer files, ``report.json``) but keeps its weights in
-``model.sparse.safetensors`` (see :mod:`secateurs.format.sparse`), a name plain ``from_pretrained`` does not read,
-so it refuses the folder instead of building a model with random weights; :func:`load_pruned` gives the plain
-model back.
+``model.sparse.safetensors``, or in sparse shards and their index (see :mod:`secateurs.format.sparse`), names plain
+``from_pretrained`` does not read, so it refuses the folder instead of building a model with random weights;
+:func:`load_pruned` gives the plain model back.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from secateurs.format.sparse import (
     WEIGHTS_NAME,
     PackedTensor,
     is_sparse_folder,
-    read_header,
-    read_tensors,
+    open_folder,
+    read_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,11 @@ def read_module_sparse(folder: str | Path, model: nn.Module, dtype: str | torch.
     record = _module_record(folder)
     if record.get("class") != type(model).__name__:
         log.warning("%s was saved from a %s, loading it into a %s", folder, record.get("class"), type(model).__name__)
-    path = folder / WEIGHTS_NAME
-    if not path.is_file():
+    if not is_sparse_folder(folder):
         raise SecateursError(f"{folder} has {MODULE_NAME} but no {WEIGHTS_NAME}")
-    header = read_header(path)
+    weights = open_folder(folder)
     expected = model.state_dict(keep_vars=True)
-    dense, packed = read_tensors(path, header, {key: tuple(t.shape) for key, t in expected.items()})
+    dense, packed = read_folder(weights, {key: tuple(t.shape) for key, t in expected.items()})
     dtype = resolve_dtype(dtype)
     if dtype not in (None, "auto"):
         dense = {k: t.to(dtype) if t.is_floating_point() else t for k, t in dense.items()}
@@ -149,7 +148,7 @@ def read_module_sparse(folder: str | Path, model: nn.Module, dtype: str | torch.
     with torch.no_grad():
         for key, t in dense.items():
             set_tensor(model, key, t)
-        for key, source in header.aliases.items():
+        for key, source in weights.aliases.items():
             set_tensor(model, key, dense[source])
     model.eval()
     return model, {key.removesuffix(".weight"): p for key, p in packed.items()}
@@ -163,25 +162,24 @@ def read_sparse(folder: str | Path, dtype: str | torch.dtype | None = None):
     ``dtype`` converts floating tensors and packed values (then not bit-identical); None keeps the stored ones.
     """
     folder = Path(folder).expanduser()
-    path = folder / WEIGHTS_NAME
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise SecateursError(f"{folder} is not a model folder (no config.json)")
-    if not path.is_file():
+    if not is_sparse_folder(folder):
         raise SecateursError(f"{folder} is not a sparse checkpoint (no {WEIGHTS_NAME}; compress it first)")
-    header = read_header(path)
+    weights = open_folder(folder)  # one file, or the shards of a streamed prune
     dtype = resolve_dtype(dtype)
     dtype = None if dtype == "auto" else dtype
-    stored = PACKABLE_DTYPES.get(header.dtype) or resolve_dtype(header.dtype or "float32")
+    stored = PACKABLE_DTYPES.get(weights.dtype) or resolve_dtype(weights.dtype or "float32")
     model = empty_model(folder, dtype or stored)
     expected = model.state_dict(keep_vars=True)
-    dense, packed = read_tensors(path, header, {key: tuple(t.shape) for key, t in expected.items()})
+    dense, packed = read_folder(weights, {key: tuple(t.shape) for key, t in expected.items()})
     if dtype is not None:
         for key, t in dense.items():
             if t.is_floating_point() and expected[key].is_floating_point():
                 dense[key] = t.to(dtype)
         packed = _packed_as(packed, dtype)
     model.load_state_dict(dense, strict=False, assign=True)
-    for key, source in header.aliases.items():
+    for key, source in weights.aliases.items():
         owner, _, attr = source.rpartition(".")
         module = model.get_submodule(owner)
         set_tensor(model, key, module._parameters.get(attr, module._buffers.get(attr)))

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--low-memory",
         action="store_true",
         help="stream the model from its safetensors shards one decoder layer at a time and write each as it is "
-        "pruned (chosen by itself when the weights would not fit in the free memory); writes a sharded HF folder",
+        "pruned (chosen by itself when the weights would not fit in the free memory); writes a sharded HF folder, "
+        "or sparse shards with --save-format sparse or sparse-int8",
     )
     p.add_argument(
         "--offload-activations",
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="hf",
         help="hf: a plain Hugging Face folder; sparse: pruned linears as a 1-bit mask plus their non-zero values "
         "(load with secateurs.load_sparse or load_pruned); sparse-int8: the same with int8 values and per-row "
-        "scales",
+        "scales. With --low-memory each is written one shard per decoder layer (sparse: "
+        "model-0000i-of-0000n.sparse.safetensors + model.sparse.safetensors.index.json)",
     )
     add_common(p)
 
@@ -146,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--low-memory",
         action="store_true",
-        help="read the model one decoder layer at a time from its safetensors shards (perplexity only): a model "
-        "bigger than memory gets the same figure",
+        help="read the model one decoder layer at a time from its safetensors shards, or a sparse folder's "
+        "(perplexity only): a model bigger than memory gets the same figure",
     )
     add_common(p)
 
@@ -264,11 +266,6 @@ def cmd_prune(args) -> dict:
         shutil.rmtree(progress_dir)
     streamed = _streamed_folder(args)
     if streamed is not None:
-        if args.save_format != "hf":
-            raise SecateursError(
-                f"a streamed prune writes a Hugging Face folder (--save-format hf), not {args.save_format}: "
-                "compress the output afterwards on a machine that holds it"
-            )
         if output is None:
             raise SecateursError("a streamed prune writes each layer as it goes: it needs --output")
         if args.tasks:
@@ -293,7 +290,9 @@ def cmd_prune(args) -> dict:
 
         model, tokenizer, shards = open_streamed(streamed, args.dtype)
         model_desc = f"{args.model} (streamed from {streamed})"
-        writing = StreamedOutput(model, shards, tokenizer, output, overwrite=args.overwrite, write=ranks.main)
+        writing = StreamedOutput(
+            model, shards, tokenizer, output, overwrite=args.overwrite, write=ranks.main, save_format=args.save_format
+        )
     else:
         model, tokenizer, model_desc = load_model(args.model, args.dtype)
     log.info("loaded in %.1f s: %s, %s", time.perf_counter() - t0, type(model).__name__, model.dtype)
@@ -408,13 +407,17 @@ def cmd_eval(args) -> dict:
 
         check_sparsity(args.activation_sparsity)
     if args.low_memory:
+        from secateurs.loading import is_sparse_folder
         from secateurs.models import resolve_folder
 
         folder = resolve_folder(args.model)
+        sparse = os.path.expanduser(args.model)
+        if folder is None and os.path.isfile(os.path.join(sparse, "config.json")) and is_sparse_folder(sparse):
+            folder = sparse  # a sparse folder (one file or shards): packed weights unpacked layer by layer
         if folder is None or args.tasks or args.activation_sparsity is not None or not do_eval:
             raise SecateursError(
                 "eval --low-memory measures the perplexity (--eval) of a local Hugging Face folder of safetensors "
-                "shards, read one decoder layer at a time (no --tasks or --activation-sparsity)"
+                "shards or a sparse folder, read one decoder layer at a time (no --tasks or --activation-sparsity)"
             )
         result = _evaluate(None, None, args, "", folder)
         return {"model": str(folder), "dtype": args.dtype, "streamed": True, **result.to_dict()}

@@ -6,7 +6,10 @@ the embeddings, final norm and LM head are read in, and the walk does the rest t
 residence: a layer's tensors are read from their shard on entering, and on leaving (once pruned) written to the
 output folder as one shard of its own, then dropped. Peak memory is one decoder layer, its statistics, the
 calibration hidden states and the embeddings and head, whatever the depth. The output is a normal sharded
-Hugging Face folder (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+Hugging Face folder (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``), or with
+``save_format="sparse"`` / ``"sparse-int8"`` a sharded compact sparse checkpoint (each layer's linears packed as
+:func:`secateurs.checkpoint.save_sparse` packs them; see :mod:`secateurs.format.sparse`). :class:`Shards` reads
+either kind of folder, so the output's perplexity is measured from it layer by layer too.
 
 Streaming reads checkpoints whose tensor names are the model's own (what ``save_pretrained`` writes for
 LLaMA-style models); a checkpoint that transformers renames or fuses on loading is refused with the first name
@@ -15,6 +18,7 @@ that does not match (load it in memory instead).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -32,6 +36,16 @@ from secateurs.dtypes import resolve_dtype
 from secateurs.errors import SecateursError
 from secateurs.format.folder import REPORT_NAME, AtomicFolder
 from secateurs.format.masks import MASKS_NAME, save_masks
+from secateurs.format.sparse import (
+    dtype_name,
+    is_sparse_folder,
+    open_folder,
+    packed_parts,
+    read_packed,
+    shard_name,
+    write_index,
+    write_sparse,
+)
 from secateurs.measure import give_back_memory
 from secateurs.models import find_layers
 
@@ -47,10 +61,16 @@ class Shards:
     """The tensors of a folder's safetensors files, by name, read on demand (every file checked when opened).
 
     A file is mapped only while its tensors are read: a mapping kept open would keep every page read so far
-    resident, and the whole model would end up counted in the process's memory."""
+    resident, and the whole model would end up counted in the process's memory. A compact sparse folder (one file
+    or shards) reads the same way: a packed weight is unpacked when read (checked as :func:`read_packed` checks
+    it), a tied name is left to the model's tying as in a Hugging Face folder."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self.packed: dict[str, dict] = {}  # packed weight -> its metadata entry (sparse folders)
+        if is_sparse_folder(self.folder):
+            self._open_sparse()
+            return
         index = self.folder / INDEX
         if index.is_file():
             try:
@@ -78,6 +98,17 @@ class Shards:
             if self.location.get(key) != name:
                 raise SecateursError(f"{INDEX} names tensor {key} in {name}, which does not hold it")
 
+    def _open_sparse(self) -> None:
+        weights = open_folder(self.folder)  # headers and index checked
+        self.files = [path.name for path, _ in weights.files]
+        self.location = {}
+        self._keys: dict[str, set[str]] = {}
+        for path, header in weights.files:
+            self._keys[path.name] = set(header.keys)
+            self.packed.update(header.packed)
+            parts = packed_parts(header)
+            self.location.update({key: path.name for key in [*header.keys, *header.packed] if key not in parts})
+
     @property
     def nbytes(self) -> int:
         return sum((self.folder / name).stat().st_size for name in self.files)
@@ -102,7 +133,11 @@ class Shards:
             try:
                 with safe_open(str(self.folder / file), framework="pt") as f:
                     for key in keys:
-                        out[key] = f.get_tensor(key)
+                        if key in self.packed:
+                            packed = read_packed(f, self.folder / file, self._keys[file], key, self.packed[key])
+                            out[key] = packed.to_held()
+                        else:
+                            out[key] = f.get_tensor(key)
             except (SafetensorError, OSError) as exc:
                 raise SecateursError(f"cannot read {', '.join(keys[:2])} from {file}: {exc}") from None
         return out
@@ -184,12 +219,28 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype
     set_module_tensor_to_device(model, name, "cpu", value=value)
 
 
+SAVE_FORMATS = ("hf", "sparse", "sparse-int8")
+
+
 class Streamed:
     """Where the walk finds and leaves decoder layers when the model is streamed: read from ``shards`` on entering,
     written (by the writing rank) into ``folder`` as one output shard per layer on leaving a pruning pass, then
-    dropped back to the meta device."""
+    dropped back to the meta device. ``save_format``: ``hf`` (safetensors shards), ``sparse`` or ``sparse-int8``
+    (sparse shards, the layer's linears packed as the in-memory :func:`~secateurs.checkpoint.save_sparse` packs
+    them, with int8 values and per-row scales for ``sparse-int8``)."""
 
-    def __init__(self, model: nn.Module, shards: Shards, folder: str | Path | None, *, write: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        shards: Shards,
+        folder: str | Path | None,
+        *,
+        write: bool = True,
+        save_format: str = "hf",
+    ):
+        if save_format not in SAVE_FORMATS:
+            raise SecateursError(f"unknown save format {save_format!r}: use hf, sparse or sparse-int8")
+        self.save_format = save_format
         self.model, self.shards = model, shards
         self.folder = Path(folder) if folder is not None else None
         self.write = write and self.folder is not None
@@ -200,7 +251,13 @@ class Streamed:
         self.written = 0
         self.outside_dropped = False
 
+    @property
+    def sparse(self) -> bool:
+        return self.save_format != "hf"
+
     def shard_name(self, number: int) -> str:
+        if self.sparse:
+            return shard_name(number, self.total)
         return f"model-{number:05d}-of-{self.total:05d}.safetensors"
 
     def load_outside(self) -> None:
@@ -264,13 +321,30 @@ class Streamed:
     def leave(self, index: int, layer: nn.Module, final: bool) -> None:
         prefix = f"{self.layers_name}.{index}."
         if final and self.write:
-            tensors = {prefix + n: t.detach().to("cpu").contiguous() for n, t in layer.state_dict().items()}
             name = self.shard_name(index + 1)
-            save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
-            self.weight_map.update(dict.fromkeys(tensors, name))
-            self.written += sum(t.numel() * t.element_size() for t in tensors.values())
+            if self.sparse:
+                self._write_sparse_layer(layer, prefix, name)
+            else:
+                tensors = {prefix + n: t.detach().to("cpu").contiguous() for n, t in layer.state_dict().items()}
+                save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
+                self.weight_map.update(dict.fromkeys(tensors, name))
+                self.written += sum(t.numel() * t.element_size() for t in tensors.values())
         layer.to("meta")
         give_back_memory()
+
+    def _write_sparse_layer(self, layer: nn.Module, prefix: str, name: str) -> None:
+        """One layer as a sparse shard: its linears packed by the rules of the in-memory save (only when smaller,
+        float32/bfloat16 only, shared weights whole), the rest dense, tied tensors once."""
+        from secateurs.checkpoint import _collect
+        from secateurs.models import find_linears
+
+        values = "int8" if self.save_format == "sparse-int8" else None
+        tensors, aliases, _, _ = _collect(layer, None, False, find_linears(layer), values)
+        tensors = {prefix + key: t for key, t in tensors.items()}
+        aliases = {prefix + key: prefix + source for key, source in aliases.items()}
+        write_sparse(self.folder / name, tensors, aliases, self.dtype)
+        self.weight_map.update(dict.fromkeys([*tensors, *aliases], name))
+        self.written += (self.folder / name).stat().st_size
 
     def _materialize(self, index: int) -> None:
         layer = self.layers[index]
@@ -286,16 +360,22 @@ class Streamed:
             return
         self.load_outside()
         state = self.model.state_dict()
-        seen, rest = set(), {}
+        seen, rest, aliases = {}, {}, {}
         for name, tensor in state.items():
             if name.startswith(f"{self.layers_name}.") or name in self.weight_map:
                 continue
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
             if key in seen:  # tied (e.g. lm_head and embeddings): written once, as save_pretrained does
+                aliases[name] = seen[key]
                 continue
-            seen.add(key)
+            seen[key] = name
             rest[name] = tensor.detach().to("cpu").contiguous()
         name = self.shard_name(self.total)
+        if self.sparse:  # dense, tied names as aliases of the tensor they share
+            write_sparse(self.folder / name, rest, aliases, self.dtype)
+            self.weight_map.update(dict.fromkeys([*rest, *aliases], name))
+            write_index(self.folder, self.weight_map, self.dtype)
+            return
         save_file(rest, str(self.folder / name), metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(rest, name))
         self.written += sum(t.numel() * t.element_size() for t in rest.values())
@@ -305,15 +385,21 @@ class Streamed:
 
 class StreamedOutput:
     """``with StreamedOutput(...) as residence:`` prune with ``residence``, then :meth:`save`: the output folder is
-    written into a temporary folder beside it and renamed into place only when complete (only rank 0 writes)."""
+    written into a temporary folder beside it and renamed into place only when complete (only rank 0 writes).
+    ``save_format``: ``hf``, ``sparse`` or ``sparse-int8`` (see :class:`Streamed`)."""
 
-    def __init__(self, model, shards: Shards, tokenizer, output: str | Path, *, overwrite=False, write=True):
+    def __init__(
+        self, model, shards: Shards, tokenizer, output: str | Path, *, overwrite=False, write=True, save_format="hf"
+    ):
+        if save_format not in SAVE_FORMATS:
+            raise SecateursError(f"unknown save format {save_format!r}: use hf, sparse or sparse-int8")
         self.model, self.shards, self.tokenizer, self.write = model, shards, tokenizer, write
+        self.save_format = save_format
         self.atomic = AtomicFolder(output, overwrite) if write else None
 
     def __enter__(self) -> Streamed:
         tmp = self.atomic.__enter__() if self.write else None
-        self.residence = Streamed(self.model, self.shards, tmp, write=self.write)
+        self.residence = Streamed(self.model, self.shards, tmp, write=self.write, save_format=self.save_format)
         return self.residence
 
     @property
@@ -327,7 +413,13 @@ class StreamedOutput:
             return
         tmp = self.residence.folder
         self.residence.finish()
-        self.model.config.save_pretrained(tmp)
+        if self.residence.sparse:  # as save_sparse writes it: the class and the dtype the weights are stored in
+            config = copy.deepcopy(self.model.config)
+            config.architectures = [type(self.model).__name__]
+            config.dtype = dtype_name(self.residence.dtype)
+            config.save_pretrained(tmp)
+        else:
+            self.model.config.save_pretrained(tmp)
         generation = self.shards.folder / "generation_config.json"
         if generation.is_file():
             shutil.copyfile(generation, tmp / generation.name)

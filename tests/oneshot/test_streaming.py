@@ -148,7 +148,6 @@ def test_cli_low_memory_resumes_after_sigkill(sharded, text_file, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--save-format", "sparse"], "a streamed prune writes a Hugging Face folder"),
         (["--model-is-hub"], "--low-memory streams a local Hugging Face folder"),
     ],
 )
