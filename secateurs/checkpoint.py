@@ -387,11 +387,15 @@ def compress(
     min_sparsity: float | None = None,
     progress: bool = True,
     values: str | None = None,
+    low_memory: bool | None = None,
 ) -> dict:
     """Rewrite a pruned Hugging Face folder (e.g. from ``secateurs prune``) as a sparse folder; returns the sizes.
 
     Its ``report.json`` and ``masks.safetensors`` come along. ``values="int8"`` stores the packed values as int8
     codes with per-row scales; the source may then be a sparse folder already (its weights are read back first).
+    ``low_memory``: read, pack and write one decoder layer at a time into sparse shards
+    (:func:`secateurs.oneshot.streaming.compress_streamed`); None chooses it when the source's weights would not fit
+    in the free memory.
     """
     src = Path(src_dir).expanduser()
     if not (src / "config.json").is_file():
@@ -408,27 +412,47 @@ def compress(
             report = json.loads((src / REPORT_NAME).read_text())
         except (OSError, ValueError) as exc:
             log.warning("not copying %s: %s", src / REPORT_NAME, exc)
-    masks = None
-    if (src / MASKS_NAME).is_file():
-        try:
-            masks = load_masks(src)
-        except SecateursError as exc:
-            log.warning("not copying %s: %s", src / MASKS_NAME, exc)
-    if is_sparse_folder(src):
-        model, tokenizer = load_pruned(src)
+    if low_memory is None:
+        from secateurs.oneshot.streaming import should_stream
+
+        low_memory = should_stream(src)
+        if low_memory:
+            log.info("%s would not fit in the free memory: compressing it layer by layer (as with --low-memory)", src)
+    if low_memory:
+        from secateurs.oneshot.streaming import compress_streamed
+
+        summary = compress_streamed(
+            src,
+            out_dir,
+            values=values,
+            min_sparsity=min_sparsity,
+            overwrite=overwrite,
+            report=report,
+            progress=progress,
+        )
+        _log_summary(summary)
     else:
-        model, tokenizer, _ = load_model(str(src))
-    summary = save_sparse(
-        model,
-        tokenizer,
-        out_dir,
-        report,
-        overwrite=overwrite,
-        min_sparsity=min_sparsity,
-        progress=progress,
-        masks=masks,
-        values=values,
-    )
+        masks = None
+        if (src / MASKS_NAME).is_file():
+            try:
+                masks = load_masks(src)
+            except SecateursError as exc:
+                log.warning("not copying %s: %s", src / MASKS_NAME, exc)
+        if is_sparse_folder(src):
+            model, tokenizer = load_pruned(src)
+        else:
+            model, tokenizer, _ = load_model(str(src))
+        summary = save_sparse(
+            model,
+            tokenizer,
+            out_dir,
+            report,
+            overwrite=overwrite,
+            min_sparsity=min_sparsity,
+            progress=progress,
+            masks=masks,
+            values=values,
+        )
     summary["source"] = str(src)
     summary["source_folder_bytes"] = folder_bytes(src)
     summary["source_ratio"] = summary["folder_bytes"] / max(summary["source_folder_bytes"], 1)
@@ -462,6 +486,12 @@ def add_parser(subparsers, name: str) -> None:
         metavar="S",
         help="pack only linears at least this sparse (default: every linear whose packed form is smaller)",
     )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="read, pack and write one decoder layer at a time (sparse shards model-0000i-of-0000n.sparse.safetensors "
+        "+ model.sparse.safetensors.index.json; chosen by itself when the source would not fit in the free memory)",
+    )
     p.add_argument("--json", action="store_true", help="print the sizes as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     p.set_defaults(run=_run)
@@ -477,4 +507,5 @@ def _run(args) -> dict:
         min_sparsity=args.min_sparsity,
         progress=not args.quiet,
         values=args.values,
+        low_memory=True if args.low_memory else None,
     )

@@ -37,6 +37,9 @@ from secateurs.errors import SecateursError
 from secateurs.format.folder import REPORT_NAME, AtomicFolder
 from secateurs.format.masks import MASKS_NAME, save_masks
 from secateurs.format.sparse import (
+    FORMAT,
+    FORMAT_VERSION,
+    PackedTensor,
     dtype_name,
     is_sparse_folder,
     open_folder,
@@ -237,10 +240,13 @@ class Streamed:
         *,
         write: bool = True,
         save_format: str = "hf",
+        min_sparsity: float | None = None,
     ):
         if save_format not in SAVE_FORMATS:
             raise SecateursError(f"unknown save format {save_format!r}: use hf, sparse or sparse-int8")
-        self.save_format = save_format
+        self.save_format, self.min_sparsity = save_format, min_sparsity
+        self.sizes: dict[str, int] = {}  # sparse output: save_sparse's byte counts, summed over the shards
+        self.packed_linears, self.dense_linears = 0, []
         self.model, self.shards = model, shards
         self.folder = Path(folder) if folder is not None else None
         self.write = write and self.folder is not None
@@ -339,7 +345,11 @@ class Streamed:
         from secateurs.models import find_linears
 
         values = "int8" if self.save_format == "sparse-int8" else None
-        tensors, aliases, _, _ = _collect(layer, None, False, find_linears(layer), values)
+        tensors, aliases, sizes, dense_linears = _collect(layer, self.min_sparsity, False, find_linears(layer), values)
+        for field, n in sizes.items():
+            self.sizes[field] = self.sizes.get(field, 0) + n
+        self.packed_linears += sum(isinstance(t, PackedTensor) for t in tensors.values())
+        self.dense_linears += [prefix + name for name in dense_linears]
         tensors = {prefix + key: t for key, t in tensors.items()}
         aliases = {prefix + key: prefix + source for key, source in aliases.items()}
         write_sparse(self.folder / name, tensors, aliases, self.dtype)
@@ -372,6 +382,8 @@ class Streamed:
             rest[name] = tensor.detach().to("cpu").contiguous()
         name = self.shard_name(self.total)
         if self.sparse:  # dense, tied names as aliases of the tensor they share
+            rest_bytes = sum(t.numel() * t.element_size() for t in rest.values())
+            self.sizes["dense_weights_bytes"] = self.sizes.get("dense_weights_bytes", 0) + rest_bytes
             write_sparse(self.folder / name, rest, aliases, self.dtype)
             self.weight_map.update(dict.fromkeys([*rest, *aliases], name))
             write_index(self.folder, self.weight_map, self.dtype)
@@ -389,17 +401,33 @@ class StreamedOutput:
     ``save_format``: ``hf``, ``sparse`` or ``sparse-int8`` (see :class:`Streamed`)."""
 
     def __init__(
-        self, model, shards: Shards, tokenizer, output: str | Path, *, overwrite=False, write=True, save_format="hf"
+        self,
+        model,
+        shards: Shards,
+        tokenizer,
+        output: str | Path,
+        *,
+        overwrite=False,
+        write=True,
+        save_format="hf",
+        min_sparsity: float | None = None,
     ):
         if save_format not in SAVE_FORMATS:
             raise SecateursError(f"unknown save format {save_format!r}: use hf, sparse or sparse-int8")
         self.model, self.shards, self.tokenizer, self.write = model, shards, tokenizer, write
-        self.save_format = save_format
+        self.save_format, self.min_sparsity = save_format, min_sparsity
         self.atomic = AtomicFolder(output, overwrite) if write else None
 
     def __enter__(self) -> Streamed:
         tmp = self.atomic.__enter__() if self.write else None
-        self.residence = Streamed(self.model, self.shards, tmp, write=self.write, save_format=self.save_format)
+        self.residence = Streamed(
+            self.model,
+            self.shards,
+            tmp,
+            write=self.write,
+            save_format=self.save_format,
+            min_sparsity=self.min_sparsity,
+        )
         return self.residence
 
     @property
@@ -433,6 +461,62 @@ class StreamedOutput:
 
     def __exit__(self, *exc):
         return self.atomic.__exit__(*exc) if self.write else False
+
+
+def compress_streamed(
+    source: str | Path,
+    output: str | Path,
+    *,
+    values: str | None = None,
+    min_sparsity: float | None = None,
+    overwrite: bool = False,
+    report: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """``secateurs compress`` of a folder too big to load (safetensors shards, or a sparse folder to requantise):
+    each decoder layer read from its shard, packed and written as a sparse shard of its own (as a streamed prune
+    writes it), then dropped; peak memory one layer. The source's ``masks.safetensors`` is copied as it is (already
+    1 bit per weight). Returns :func:`~secateurs.checkpoint.save_sparse`'s byte counts."""
+    from tqdm.auto import tqdm
+
+    from secateurs.format.folder import folder_bytes
+
+    model, tokenizer, shards = open_streamed(source)
+    save_format = "sparse-int8" if values == "int8" else "sparse"
+    writing = StreamedOutput(
+        model, shards, tokenizer, output, overwrite=overwrite, save_format=save_format, min_sparsity=min_sparsity
+    )
+    with writing as residence:
+        for index, layer in enumerate(tqdm(residence.layers, desc="packing", unit="layer", disable=not progress)):
+            residence.enter(index, layer, torch.device("cpu"))
+            residence.leave(index, layer, final=True)
+        writing.save(None)
+        masks = Path(source) / MASKS_NAME
+        if masks.is_file():
+            shutil.copyfile(masks, residence.folder / MASKS_NAME)
+        if report is not None:
+            writing.save_report(report)
+        weights = sum(p.stat().st_size for p in residence.folder.glob("*.sparse.safetensors"))
+    sizes = {"linear_dense_bytes": 0, "linear_checkpoint_bytes": 0, "packed_dense_bytes": 0, "packed_bytes": 0}
+    sizes.update(residence.sizes)
+    folder = folder_bytes(output)
+    summary = {
+        "output": str(Path(output)),
+        "format": f"{FORMAT} v{FORMAT_VERSION} (sharded)",
+        "dtype": dtype_name(residence.dtype),
+        "values": values or dtype_name(residence.dtype),
+        "packed_linears": residence.packed_linears,
+        "dense_linears": residence.dense_linears,
+        **sizes,
+        "linear_ratio": sizes["linear_checkpoint_bytes"] / max(sizes["linear_dense_bytes"], 1),
+        "packed_ratio": sizes["packed_bytes"] / max(sizes["packed_dense_bytes"], 1),
+        "weights_file_bytes": weights,
+        "folder_bytes": folder,
+        "dense_folder_bytes": folder - weights + sizes["dense_weights_bytes"],
+        "streamed": True,
+    }
+    summary["folder_ratio"] = summary["folder_bytes"] / max(summary["dense_folder_bytes"], 1)
+    return summary
 
 
 @torch.no_grad()

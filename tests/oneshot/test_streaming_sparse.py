@@ -230,3 +230,37 @@ def test_a_shard_the_whole_folder_lacks_is_refused(streamed_sparse, tmp_path):
     (folder / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(secateurs.SecateursError, match=r"lacks tensors the model needs: model\.layers\.1\."):
         secateurs.load_pruned(folder)
+
+
+@pytest.mark.parametrize("values", [None, "int8"])
+def test_compress_low_memory_writes_what_compress_writes(sharded, streamed_sparse, tmp_path, values):  # noqa: F811
+    from secateurs.checkpoint import compress
+
+    pruned = tmp_path / "pruned"
+    streamed_prune(sharded, pruned, "hf")  # a pruned HF folder in shards, with its masks and report
+    sources = [pruned, streamed_sparse] if values == "int8" else [pruned]  # a sparse folder is requantised
+    for n, source in enumerate(sources):
+        low = compress(source, tmp_path / f"low{n}", low_memory=True, values=values, progress=False)
+        whole = compress(source, tmp_path / f"whole{n}", low_memory=False, values=values, progress=False)
+        assert (tmp_path / f"low{n}" / INDEX_NAME).is_file() and (tmp_path / f"whole{n}" / WEIGHTS_NAME).is_file()
+        for field in ("packed_linears", "dense_linears", "linear_checkpoint_bytes", "dense_weights_bytes", "values"):
+            assert low[field] == whole[field], field
+        a = secateurs.load_pruned(tmp_path / f"low{n}")[0].state_dict()
+        b = secateurs.load_pruned(tmp_path / f"whole{n}")[0].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        masks = [secateurs.load_masks(tmp_path / f"{kind}{n}") for kind in ("low", "whole")]
+        assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+        reports = [json.loads((tmp_path / f"{kind}{n}" / "report.json").read_text()) for kind in ("low", "whole")]
+        assert reports[0] == reports[1]
+
+
+def test_cli_compress_low_memory(streamed_sparse, tmp_path):
+    code, stdout, stderr = run_main(
+        "compress", streamed_sparse, "--values", "int8", "--low-memory", "--output", tmp_path / "o", "--json", "--quiet"
+    )
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["streamed"] is True and summary["packed_linears"] == 21 and summary["values"] == "int8"
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.sparse.safetensors"))[-1] == (
+        "model-00004-of-00004.sparse.safetensors"
+    )
