@@ -264,3 +264,42 @@ def test_cli_compress_low_memory(streamed_sparse, tmp_path):
     assert sorted(p.name for p in (tmp_path / "o").glob("*.sparse.safetensors"))[-1] == (
         "model-00004-of-00004.sparse.safetensors"
     )
+
+
+def test_cli_low_memory_sparse_int8_scores_the_written_model(sharded, text_file, tmp_path):  # noqa: F811
+    """With int8 values the pruned perplexity is read back from the output: that of the int8 model written."""
+    out = tmp_path / "out"
+    args = ["prune", sharded, *COMMON, "--calibration", text_file, "--eval", text_file, *EVAL, "--no-dense-eval"]
+    code, _, stderr = run_main(*args, "--save-format", "sparse-int8", "--low-memory", "--output", out)
+    assert code == 0, stderr
+    pruned = json.loads((out / "report.json").read_text())["perplexity"]["pruned"]["perplexity"]
+    code, stdout, stderr = run_main("eval", out, "--eval", text_file, *EVAL, "--seqlen", "32", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["perplexity"] == pruned
+    assert open_folder(out).files[0][1].packed["model.layers.0.mlp.up_proj.weight"]["dtype"] == "int8"
+
+
+def test_cli_low_memory_sparse_resumes_after_sigkill(sharded, text_file, tmp_path):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    from test_resume import KILLED  # the command line, killed by SIGKILL once layer 1 is saved
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    args = ["prune", str(sharded), *COMMON, "--calibration", str(text_file), "--save-format", "sparse"]
+    args += ["--low-memory", "--output", str(out)]
+    killed = subprocess.run([sys.executable, "-c", KILLED, *args], env=env, capture_output=True)
+    assert killed.returncode == -9 and not out.exists()
+    done = subprocess.run([sys.executable, "-m", "secateurs", *args, "--resume"], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    whole = tmp_path / "whole"
+    args = ["prune", str(sharded), *COMMON, "--calibration", str(text_file), "--save-format", "sparse"]
+    done = subprocess.run([sys.executable, "-m", "secateurs", *args, "--output", str(whole)], env=env)
+    assert done.returncode == 0
+    a, b = secateurs.load_pruned(out)[0].state_dict(), secateurs.load_pruned(whole)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    shutil.rmtree(whole)
