@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 from secateurs import data
 from secateurs.cli.options import PAPER_HINT, add_common, add_eval, add_tasks, bos_choice
@@ -210,10 +211,14 @@ def _streamed_folder(args):
     from secateurs.oneshot.streaming import should_stream
 
     folder = resolve_folder(args.model)
+    gguf = Path(args.model).expanduser()
+    if args.low_memory and gguf.suffix == ".gguf" and gguf.is_file():
+        return gguf  # dequantised tensor by tensor as the walk reaches each layer
     if args.low_memory:
         if folder is None:
             raise SecateursError(
-                f"--low-memory streams a local Hugging Face folder of safetensors shards; {args.model} is not one"
+                f"--low-memory streams a local Hugging Face folder of safetensors shards or a .gguf file; "
+                f"{args.model} is neither"
             )
         return folder
     if folder is not None and should_stream(folder):

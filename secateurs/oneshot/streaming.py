@@ -157,20 +157,27 @@ def should_stream(folder: str | Path) -> bool:
 
 
 def open_streamed(folder: str | Path, dtype="auto") -> tuple[nn.Module, object, Shards]:
-    """(skeleton model with everything but its decoder layers loaded, tokenizer, shards) of a local HF folder."""
+    """(skeleton model with everything but its decoder layers loaded, tokenizer, shards) of a local HF folder, or of
+    a .gguf file (its tensors dequantised one by one when read: :mod:`secateurs.oneshot.gguf`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
-    shards = Shards(folder)
-    config = AutoConfig.from_pretrained(folder)
+    gguf = folder.suffix == ".gguf"
+    where = {"pretrained_model_name_or_path": folder.parent, "gguf_file": folder.name} if gguf else {}
+    shards = None if gguf else Shards(folder)
+    config = AutoConfig.from_pretrained(**where) if gguf else AutoConfig.from_pretrained(folder)
     dtype = resolve_dtype(dtype)
     if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = (None if gguf else getattr(config, "dtype", None)) or torch.float32  # GGUF: dequantised to fp32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     model.tie_weights()  # the empty-weight init leaves tied parameters apart
+    if gguf:
+        from secateurs.oneshot.gguf import GGUFShards
+
+        shards = GGUFShards(folder, model)
     layers_name, _ = find_layers(model)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     for name in tensor_names(model):
@@ -184,7 +191,8 @@ def open_streamed(folder: str | Path, dtype="auto") -> tuple[nn.Module, object, 
     for name, tensor in model.state_dict().items():
         if not name.startswith(f"{layers_name}.") and tensor.device.type == "meta":
             raise SecateursError(f"{folder}: {name} is neither in the checkpoint nor tied to a tensor that is")
-    return model, AutoTokenizer.from_pretrained(folder), shards
+    tokenizer = AutoTokenizer.from_pretrained(**where) if gguf else AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer, shards
 
 
 def outside_names(model: nn.Module, shards: Shards) -> list[str]:
