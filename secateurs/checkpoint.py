@@ -20,7 +20,6 @@ from torch import nn
 
 from secateurs import loading
 from secateurs.errors import SecateursError
-from secateurs.format.bits import packed_bytes, stored_count
 from secateurs.format.folder import REPORT_NAME, AtomicFolder, check_output, folder_bytes
 from secateurs.format.masks import MASKS_NAME, save_masks
 from secateurs.format.sparse import (
@@ -28,15 +27,15 @@ from secateurs.format.sparse import (
     FORMAT_VERSION,
     MODULE_FORMAT,
     MODULE_NAME,
-    PACKABLE_DTYPES,
     WEIGHTS_NAME,
     PackedTensor,
     dtype_name,
     write_sparse,
 )
 from secateurs.loading import is_module_folder, is_sparse_folder, load_masks, read_sparse
-from secateurs.models import PRUNABLE, decoder_linears, load_model, weight_view
+from secateurs.models import PRUNABLE, load_model, weight_view
 from secateurs.oneshot.moe import expert_linears, fused_parameters
+from secateurs.packing import collect
 from secateurs.runtime.linear import SparseLinear
 
 log = logging.getLogger(__name__)
@@ -119,17 +118,6 @@ def save_pruned(
 
 
 # ------------------------------------------------------------------------------------------------------ sparse
-def _tensor_key(t: torch.Tensor):
-    """Identity of a tensor's memory: tied parameters share it."""
-    if t.numel() == 0 or t.device.type == "meta":
-        return None
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-def _is_conv(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd)
-
-
 def module_weights(model: nn.Module) -> dict[str, nn.Module]:
     """Every Linear (and Conv1D) and Conv1d/2d/3d of any module, by name: what a plain module's checkpoint packs."""
     return {
@@ -142,86 +130,16 @@ def module_weights(model: nn.Module) -> dict[str, nn.Module]:
 def _collect(
     model: nn.Module, min_sparsity: float | None, progress: bool, linears: dict | None = None, values: str | None = None
 ):
-    """What to write for ``model``: (tensors, dense and packed by name; aliases; byte counts; linears left dense).
-
-    ``linears``: the modules whose weights may be packed (default: the decoder linears of a causal LM);
-    ``values="int8"``: their stored values as int8 codes with per-row scales."""
-    from tqdm.auto import tqdm
-
-    state = model.state_dict()
-    owners: dict = {}
-    for key, t in state.items():
-        owners.setdefault(_tensor_key(t), []).append(key)
-    tensors: dict[str, torch.Tensor | PackedTensor] = {}
-    sizes = dict.fromkeys(("linear_dense_bytes", "linear_checkpoint_bytes", "packed_dense_bytes", "packed_bytes"), 0)
-    dense_linears = []
-
+    """:func:`secateurs.packing.collect`, with the linears a model already runs sparse (converted by
+    to_sparse_linears / load_sparse) written as they are packed."""
     model_itemsize = next((t.element_size() for t in model.parameters() if t.is_floating_point()), 4)
-
-    def add_packed(name: str, p: PackedTensor, dense_itemsize: int) -> None:
-        """``dense_itemsize``: bytes a weight took dense (int8 values are compared with what they replaced)."""
-        tensors[f"{name}.weight"] = p
-        itemsize = p.values.element_size()
-        dense = p.shape[0] * p.shape[1] * dense_itemsize
-        size = packed_bytes(*p.shape, p.nnz, itemsize) + (0 if p.scales is None else p.scales.numel() * 4)
-        for field, n in (("linear_dense_bytes", dense), ("linear_checkpoint_bytes", size)):
-            sizes[field] += n
-        sizes["packed_dense_bytes"] += dense
-        sizes["packed_bytes"] += size
-
-    # a model already converted by to_sparse_linears / load_sparse: its packed weights go as they are
-    already = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
-    for name, module in already.items():
-        p = module.packed
-        add_packed(
-            name,
-            PackedTensor(p.mask, p.values[: p.nnz].clone(), p.shape, module.transposed, None, p.scales),
-            model_itemsize if p.scales is not None else p.values.element_size(),
-        )
-    already_dense_bytes = sizes["packed_dense_bytes"]
-    if linears is None:
-        try:
-            linears = decoder_linears(model)
-        except SecateursError:
-            if not already:
-                raise
-            linears = {}  # every decoder linear is already sparse
-    for name, module in tqdm(linears.items(), desc="packing", unit="linear", disable=not progress, leave=False):
-        W = module.weight.data if _is_conv(module) else weight_view(module)
-        dense = W.numel() * W.element_size()
-        nnz = stored_count(W)
-        rows = W.shape[0]
-        itemsize = 1 if values == "int8" else W.element_size()
-        wanted = packed_bytes(rows, W.numel() // max(rows, 1), nnz, itemsize) < dense and (
-            min_sparsity is None or 1 - nnz / max(W.numel(), 1) >= min_sparsity
-        )
-        shared = len(owners.get(_tensor_key(module.weight), [])) > 1  # tied to another tensor: keep it whole
-        packable = dtype_name(W.dtype) in PACKABLE_DTYPES
-        if wanted and not shared and packable:
-            transposed = not isinstance(module, nn.Linear) and not _is_conv(module)
-            add_packed(name, PackedTensor.from_weight(W.cpu(), transposed=transposed, values=values), W.element_size())
-            continue
-        if wanted and not shared:
-            log.warning("%s stays dense: packing needs float32 or bfloat16, not %s", name, dtype_name(W.dtype))
-        sizes["linear_dense_bytes"] += dense
-        sizes["linear_checkpoint_bytes"] += dense
-        dense_linears.append(name)
-    # everything else dense, each tensor once: a name sharing another's memory (tied embeddings) is an alias
-    aliases: dict[str, str] = {}
-    first: dict = {}
-    dense_total = already_dense_bytes  # the model written dense, for comparison
-    for key, t in state.items():
-        ident = _tensor_key(t)
-        if ident is not None and ident in first:
-            aliases[key] = first[ident]
-            continue
-        if ident is not None:
-            first[ident] = key
-        dense_total += t.numel() * t.element_size()
-        if key not in tensors:
-            tensors[key] = t.detach().cpu().contiguous()
-    sizes["dense_weights_bytes"] = dense_total
-    return tensors, aliases, sizes, dense_linears
+    already = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            p = module.packed
+            packed = PackedTensor(p.mask, p.values[: p.nnz].clone(), p.shape, module.transposed, None, p.scales)
+            already[name] = (packed, model_itemsize if p.scales is not None else p.values.element_size())
+    return collect(model, min_sparsity, progress, linears, values, already)
 
 
 def _check_values(values: str | None) -> None:

@@ -51,6 +51,7 @@ from secateurs.format.sparse import (
 )
 from secateurs.measure import give_back_memory
 from secateurs.models import find_layers
+from secateurs.packing import collect
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class Streamed:
     """Where the walk finds and leaves decoder layers when the model is streamed: read from ``shards`` on entering,
     written (by the writing rank) into ``folder`` as one output shard per layer on leaving a pruning pass, then
     dropped back to the meta device. ``save_format``: ``hf`` (safetensors shards), ``sparse`` or ``sparse-int8``
-    (sparse shards, the layer's linears packed as the in-memory :func:`~secateurs.checkpoint.save_sparse` packs
+    (sparse shards, the layer's linears packed as the in-memory secateurs.checkpoint.save_sparse packs
     them, with int8 values and per-row scales for ``sparse-int8``)."""
 
     def __init__(
@@ -349,11 +350,10 @@ class Streamed:
     def _write_sparse_layer(self, layer: nn.Module, prefix: str, name: str) -> None:
         """One layer as a sparse shard: its linears packed by the rules of the in-memory save (only when smaller,
         float32/bfloat16 only, shared weights whole), the rest dense, tied tensors once."""
-        from secateurs.checkpoint import _collect
         from secateurs.models import find_linears
 
         values = "int8" if self.save_format == "sparse-int8" else None
-        tensors, aliases, sizes, dense_linears = _collect(layer, self.min_sparsity, False, find_linears(layer), values)
+        tensors, aliases, sizes, dense_linears = collect(layer, self.min_sparsity, False, find_linears(layer), values)
         for field, n in sizes.items():
             self.sizes[field] = self.sizes.get(field, 0) + n
         self.packed_linears += sum(isinstance(t, PackedTensor) for t in tensors.values())
