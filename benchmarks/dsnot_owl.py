@@ -88,19 +88,30 @@ def run_cell(cell: dict, args, evaluation) -> dict:
         "sparsity": report.sparsity,
         "recipe": report.recipe,
         "allocation_search": report.allocation_search,
+        "protocol": protocol(args),
     }
 
 
-def table(rows: list[dict], dense: float | None) -> str:
-    """Per method x pattern x allocation: perplexity without DSnoT and with each variant (mean +- sd over seeds)."""
+def protocol(args) -> dict:
+    """What a row's figures depend on besides its cell; stored in every row so the table states its own protocol."""
+    return {
+        "model": args.model,
+        "threads": args.threads,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "eval_windows": args.eval_windows,
+    }
+
+
+def table(rows: list[dict], dense: float | None, field: str = "perplexity") -> str:
+    """Per method x pattern x allocation: ``field`` (perplexity, or prune_seconds) without DSnoT and with each
+    variant, mean +- sd over seeds."""
     groups: dict[tuple, dict[str, list[float]]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["pattern"], r["allocation"]), {}).setdefault(r["refine"], []).append(
-            r["perplexity"]
-        )
+        groups.setdefault((r["method"], r["pattern"], r["allocation"]), {}).setdefault(r["refine"], []).append(r[field])
     refines = [r for r in REFINES if any(r in g for g in groups.values())]
     lines = [
-        f"dense perplexity: {dense:.3f}" if dense else "",
+        f"dense perplexity: {dense:.3f}" if dense and field == "perplexity" else f"{field}:",
         "| method | pattern | allocation | " + " | ".join(f"{r} (seeds)" for r in refines) + " |",
         "|---|---|---|" + "---|" * len(refines),
     ]
@@ -157,7 +168,9 @@ def main() -> None:
         if dense is None:
             dense = perplexity(model, evaluation, progress=False).perplexity
             with out.open("a") as f:
-                f.write(json.dumps({"key": "dense", "perplexity": dense, "model": desc}) + "\n")
+                row = {"key": "dense", "perplexity": dense, "model": desc, "protocol": protocol(args)}
+                f.write(json.dumps(row) + "\n")
+                done["dense"] = row
         del model
         index, count = args.shard
         todo = [c for i, c in enumerate(cells(args)) if key(c) not in done and i % count == index]
@@ -172,13 +185,20 @@ def main() -> None:
                 flush=True,
             )
     rows = [r for k, r in done.items() if k != "dense"]
+    # the protocol is the rows' own (older rows without one are counted as the arguments given)
+    seen = {json.dumps(r.get("protocol", protocol(args)), sort_keys=True) for r in done.values()}
+    if len(seen) > 1:
+        print(f"warning: {args.out} mixes {len(seen)} protocols: {sorted(seen)}")
+    p = json.loads(sorted(seen)[0]) if seen else protocol(args)
     print(
-        f"\nProtocol: {args.model} fp32, {args.threads} threads; calibration {args.nsamples} x {args.seqlen} tokens of "
-        f"bundled:shakespeare (seeds as counted); evaluation: first {args.eval_windows} non-overlapping "
-        f"{args.seqlen}-token windows of bundled:bible, no BOS; DSnoT at its defaults (cycles 50, threshold 0.1, "
-        "power 1); OWL M 5, lambda 0.08\n"
+        f"\nProtocol: {p['model']} fp32, {p['threads']} threads; calibration {p['nsamples']} x {p['seqlen']} tokens "
+        f"of bundled:shakespeare (seeds as counted); evaluation: first {p['eval_windows']} non-overlapping "
+        f"{p['seqlen']}-token windows of bundled:bible, no BOS; DSnoT at its defaults (cycles 50, threshold 0.1, "
+        "power 1); OWL M 5, lambda 0.08; owl-auto: lambda from {0, .04, .08, .12} by held-out perplexity\n"
     )
     print(table(rows, dense))
+    print()
+    print(table(rows, dense, "prune_seconds"))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def add_tasks(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="T1,T2",
         help="zero-shot accuracy through lm-eval (pip install 'secateurs[eval]'): comma-separated lm-eval task "
-        "names (boolq, piqa, arc_easy, hellaswag ... need the hub) or bible_next_sentence (bundled, offline)",
+        "names (boolq, piqa, arc_easy, hellaswag ... need the hub) or the bundled offline tasks: bible_next_sentence, "
+        "and the graded family bible_next_{2,4,8}_{far,near} (2/4/8 candidates, distractors far or near)",
     )
     p.add_argument("--limit", type=_positive, default=None, metavar="N", help="score the first N examples per task")
     p.add_argument(

@@ -6,7 +6,9 @@ streaming.Shards` offers for safetensors folders (``location``, ``read``, ``read
 name mapping and per-tensor conversions transformers applies (``get_gguf_hf_weights_map`` and the architecture's
 ``TensorProcessor``, e.g. LLaMA's q/k head permutation undone), so the streamed model equals the one
 ``from_pretrained(gguf_file=...)`` builds. The file is mapped only while tensors are read (a mapping kept open
-would keep every page read so far resident), and the rows of an embedding are dequantised without the rest.
+would keep every page read so far resident), and the rows of an embedding are dequantised without the rest. The
+file is parsed once: its tensor table (name, type, offset, shape) is kept, so a read maps just the bytes it needs
+rather than parsing the header (vocabulary included) again for every layer.
 
 Architectures whose tensor processor rewrites names or fuses tensors across the file (the MoE ones, GPT-2's head)
 are refused with one line: load those in memory.
@@ -14,6 +16,7 @@ are refused with one line: load those in memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,17 @@ def gguf_config(path: Path) -> dict:
         raise SecateursError(f"cannot read the metadata of {path}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor's data lie in the file, and how GGUFReader views them (bytes for quantised types)."""
+
+    name: str  # the GGUF name
+    tensor_type: int  # GGMLQuantizationType
+    offset: int  # absolute byte offset of the data
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
 class GGUFShards:
     """The tensors of one GGUF file by the model's tensor names, dequantised when read."""
 
@@ -69,8 +83,11 @@ class GGUFShards:
             )
         self.processor = processor_class(config=gguf_config(self.path))
         self.to_gguf = {hf: g for g, hf in get_gguf_hf_weights_map(model, self.processor).items()}
-        present = {t.name for t in reader.tensors}
-        self.location = {hf: g for hf, g in self.to_gguf.items() if g in present}
+        self.table = {
+            t.name: _Entry(t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype, tuple(t.data.shape))
+            for t in reader.tensors
+        }
+        self.location = {hf: g for hf, g in self.to_gguf.items() if g in self.table}
         self.files = [self.path.name]
         del reader
 
@@ -78,12 +95,20 @@ class GGUFShards:
     def nbytes(self) -> int:
         return self.path.stat().st_size
 
-    def _tensor(self, reader, name: str):
-        wanted = self.location[name]
-        for tensor in reader.tensors:
-            if tensor.name == wanted:
-                return tensor
-        raise SecateursError(f"{self.path} has no tensor {wanted} (for {name})")
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self.table[self.location[name]]
+        except KeyError:
+            raise SecateursError(f"{self.path} has no tensor for {name}") from None
+
+    def _data(self, entry: _Entry) -> np.ndarray:
+        """The tensor's data as GGUFReader views them, mapped from the file (released with the array)."""
+        try:
+            return np.memmap(self.path, dtype=entry.dtype, mode="r", offset=entry.offset, shape=entry.shape)
+        except (OSError, ValueError) as exc:
+            raise SecateursError(
+                f"cannot read {entry.name} from {self.path}: {exc} (file changed or truncated?)"
+            ) from None
 
     def _convert(self, weights: np.ndarray, gguf_name: str) -> torch.Tensor:
         result = self.processor.process(weights=weights, name=gguf_name)
@@ -93,26 +118,20 @@ class GGUFShards:
         """The tensors ``names``, dequantised (float32 for quantised types) and converted as transformers does."""
         from gguf import dequantize
 
-        reader = _reader(self.path)
-        try:
-            by_name = {t.name: t for t in reader.tensors}
-            out = {}
-            for name in names:
-                tensor = by_name[self.location[name]]
-                out[name] = self._convert(dequantize(tensor.data, tensor.tensor_type), tensor.name)
-            return out
-        finally:
-            del reader
+        out = {}
+        for name in names:
+            entry = self._entry(name)
+            data = self._data(entry)
+            out[name] = self._convert(dequantize(data, entry.tensor_type), entry.name)
+            del data
+        return out
 
     def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         """Rows ``rows`` of the 2-D tensor ``name`` (an embedding), dequantising only those rows."""
         from gguf import dequantize
 
-        reader = _reader(self.path)
-        try:
-            tensor = self._tensor(reader, name)
-            data = tensor.data  # [rows, bytes or values per row]: quantised blocks never cross a row
-            part = np.asarray(data[np.asarray(rows, dtype=np.int64)]) if rows else np.asarray(data[0:0])
-            return self._convert(dequantize(part, tensor.tensor_type), tensor.name)
-        finally:
-            del reader
+        entry = self._entry(name)
+        data = self._data(entry)  # [rows, bytes or values per row]: quantised blocks never cross a row
+        part = np.array(data[np.asarray(rows, dtype=np.int64)]) if rows else np.array(data[0:0])
+        del data
+        return self._convert(dequantize(part, entry.tensor_type), entry.name)

@@ -18,6 +18,7 @@ from secateurs.measure import PeakMemory, give_back_memory
 from secateurs.models import check_seqlen, default_device, find_layers, weight_view
 from secateurs.oneshot.allocations.owl import OWL
 from secateurs.oneshot.allocations.table import Table
+from secateurs.oneshot.allocations.uniform import Uniform
 from secateurs.oneshot.distributed import Ranks, digest
 from secateurs.oneshot.moe import has_experts, layer_linears, warn_unrouted
 from secateurs.oneshot.recipe import Recipe
@@ -228,6 +229,8 @@ def prune(
                     progress=progress,
                     batch=batch,
                 )
+                if allocation.lam == 0:  # uniform won: OWL's dense pass would measure what nothing uses
+                    allocation = Uniform()
             if allocation.needs:
                 measures = dense_walk(
                     model,

@@ -125,3 +125,28 @@ def test_search_refuses_streaming_and_one_window():
         _check_search(Elsewhere(), secateurs.oneshot.distributed.Ranks.current())
     with pytest.raises(SecateursError, match="at least 2"):
         secateurs.prune(tiny_model(), Recipe(allocation=OWL(lam="auto")), _windows(1), progress=False)
+
+
+def test_when_uniform_wins_the_run_is_uniform_without_owls_dense_pass(monkeypatch):
+    """lambda = 0 chosen: every layer gets the target, and the dense pass that would measure outliers is skipped."""
+    from dataclasses import replace
+
+    import secateurs.oneshot.prune as prune_module
+
+    def chose_uniform(model, owl, *args, **kwargs):
+        return replace(owl, lam=0.0, m=5.0), {"chosen": {"m": 5.0, "lam": 0.0}, "candidates": []}
+
+    passes = []
+    real_dense_walk = prune_module.dense_walk
+    monkeypatch.setattr(prune_module, "search_owl", chose_uniform)
+    monkeypatch.setattr(prune_module, "dense_walk", lambda *a, **k: passes.append(1) or real_dense_walk(*a, **k))
+    windows, dense = _windows(4), tiny_model()
+    model = copy.deepcopy(dense)
+    report = secateurs.prune(model, Recipe(method="wanda", sparsity=0.6, allocation=OWL(lam="auto")), windows,
+                             progress=False)  # fmt: skip
+    assert passes == []
+    assert [layer["sparsity_target"] for layer in report.layers] == [0.6] * len(report.layers)
+    direct = copy.deepcopy(dense)
+    secateurs.prune(direct, Recipe(method="wanda", sparsity=0.6), windows, progress=False)
+    for (name, a), (_, b) in zip(model.named_parameters(), direct.named_parameters(), strict=True):
+        assert torch.equal(a, b), name

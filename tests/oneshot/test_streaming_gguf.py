@@ -46,3 +46,18 @@ def test_gguf_shards_read_rows_and_refuse_other_files(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 20)
     with pytest.raises((SecateursError, OSError, ValueError)):
         open_streamed(bad)
+
+
+def test_gguf_shards_read_every_tensor_as_the_in_memory_load_does():
+    """The tensor table parsed once, and each read mapping only its bytes, gives what transformers' own GGUF
+    load gives, tensor for tensor."""
+    from secateurs.models import load_model
+    from secateurs.oneshot.streaming import open_streamed
+
+    _, _, shards = open_streamed(_gguf())
+    model, _, _ = load_model(str(_gguf()), "float32")
+    state = model.state_dict()
+    names = sorted(shards.location)
+    assert "model.layers.0.self_attn.q_proj.weight" in names and len(names) >= len(state) - 1  # lm_head tied
+    for name, tensor in shards.read(names).items():
+        assert torch.equal(tensor.to(state[name].dtype).reshape(state[name].shape), state[name]), name
