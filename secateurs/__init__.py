@@ -19,7 +19,7 @@ from secateurs.oneshot.result import PackedMask, PruneReport
 from secateurs.oneshot.select import NM, parse_nm
 from secateurs.oneshot.updates.admm import ADMM, ADMMGradual
 from secateurs.runtime.activation import sparsify_activations
-from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify, to_sparse_linears
+from secateurs.runtime.linear import SparseLinear, kernel_head, load_sparse, sparsify, to_sparse_linears
 
 __all__ = [
     "ADMM",
@@ -48,6 +48,7 @@ __all__ = [
     "load_masks",
     "load_model",
     "load_pruned",
+    "kernel_head",
     "load_sparse",
     "parse_nm",
     "prune",

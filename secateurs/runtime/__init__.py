@@ -7,13 +7,20 @@ from secateurs.runtime.kernels import (
     isa,
     native_available,
     pack,
+    pack_full,
     set_isa,
     set_num_threads,
     spmm,
     to_layout,
     unpack,
 )
-from secateurs.runtime.linear import SparseLinear, load_sparse, sparsify, to_sparse_linears  # noqa: F401 (public names)
+from secateurs.runtime.linear import (  # noqa: F401 (public names)
+    SparseLinear,
+    kernel_head,
+    load_sparse,
+    sparsify,
+    to_sparse_linears,
+)
 
 __all__ = [
     "PackedWeight",
@@ -21,6 +28,7 @@ __all__ = [
     "isa",
     "native_available",
     "pack",
+    "pack_full",
     "set_isa",
     "set_num_threads",
     "spmm",

@@ -35,7 +35,7 @@ from secateurs.models import default_device, load_model, resolve_dtype
 from secateurs.runtime import kernels, timing
 from secateurs.runtime.activation import check_sparsity, sparsify_activations
 from secateurs.runtime.cuda import to_semi_structured
-from secateurs.runtime.linear import SparseLinear, load_sparse, torch_threads
+from secateurs.runtime.linear import HEADS, SparseLinear, kernel_head, load_sparse, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,12 @@ def _load_pair(
     loading.load_tokenizer(folder)
 
     def sparse_load(with_activation: bool):
-        model, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity, head=head)
+        model, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity)
         int8 = _int8(model)
         if dtype is None and int8:
             model.to(torch.bfloat16)  # int8 values run with bf16 activations (the codes stay int8)
+        if head is not None:  # after the dtype is settled: a head kept as it is runs in the model's dtype
+            kernel_head(model, "int8" if head == "int8" else None)
         summary = None
         if with_activation:
             summary = sparsify_activations(model, activation, tokenizer, kernel=True)
@@ -90,7 +92,7 @@ def _load_pair(
     rss = timing.rss()
     dense = dense_load(dense_dtype)
     rss_dense = timing.rss() - rss
-    converted = sum(isinstance(m, SparseLinear) for m in sparse.modules())
+    converted = len(timing.kernel_linears(sparse))
     if not converted:
         raise SecateursError(f"{folder}: no linear is sparse enough to run on the sparse kernel")
     models = {"dense": dense, "sparse": sparse}
@@ -126,8 +128,9 @@ def benchmark(
 
     ``dense_dtype``: the dtype of the dense model compared against (default: the sparse model's, and bfloat16
     when the sparse folder holds int8 values, whose sparse model then runs bfloat16 activations too unless
-    ``dtype`` says otherwise). ``head="int8"``: the sparse model's LM head (and a tied plain
-    embedding) int8 too, see :func:`secateurs.runtime.linear.int8_head`. ``activation_sparsity``: the sparse model
+    ``dtype`` says otherwise). ``head="kernel"``: the sparse model's LM head on the kernel's threads as it is;
+    ``"int8"``: as int8 rows (and a tied plain embedding too), see :func:`secateurs.runtime.linear.kernel_head`;
+    None: left to torch. ``activation_sparsity``: the sparse model
     also skips that fraction of each linear's inputs (:func:`secateurs.runtime.activation.sparsify_activations`),
     and the same sparse weights without it are measured too (``weights_only``)."""
     if tokens < 2 or prompt_len < 1 or batch < 1 or repeat < 1:
@@ -137,7 +140,7 @@ def benchmark(
         raise SecateursError(f"{folder} is not a model folder (no config.json)")
     device = default_device(device)
     if head is not None and device.type != "cpu":
-        raise SecateursError("--head int8 runs on the CPU kernel: use --device cpu")
+        raise SecateursError(f"--head {head} runs on the CPU kernel: use --device cpu")
     if activation_sparsity is not None:
         check_sparsity(activation_sparsity)
         if device.type != "cpu":
@@ -155,7 +158,7 @@ def benchmark(
     models, _, rss, conversion = _load_pair(folder, dtype, device, min_sparsity, dense_dtype, head, activation_sparsity)
     sparse, dense = models["sparse"], models["dense"]
     dtype = next(sparse.parameters()).dtype
-    values = sorted({dtype_name(m.packed.dtype) for m in sparse.modules() if isinstance(m, SparseLinear)})
+    values = sorted({dtype_name(m.packed.dtype) for m in timing.kernel_linears(sparse)})
     vocab = dense.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
@@ -206,7 +209,7 @@ def benchmark(
     }
 
     def packed_bytes_per_weight(model):
-        linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
+        linears = timing.kernel_linears(model)
         if not linears:  # nothing on the kernel (a dense folder's weights without activation sparsity)
             return next(model.parameters()).element_size()
         numel = sum(m.out_features * m.in_features for m in linears)
@@ -335,9 +338,11 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--min-sparsity", type=float, default=None, help="linears less sparse than this stay dense")
     p.add_argument(
         "--head",
-        choices=["int8"],
+        choices=[*HEADS, "torch"],
         default=None,
-        help="the sparse model's LM head (and a tied embedding) as int8 rows on the kernel",
+        help="the sparse model's LM head: on the kernel's threads as it is (kernel, the default: torch runs on one "
+        "thread while the sparse model decodes), as int8 rows there (int8, a tied embedding too), or left to torch "
+        "(torch; the default on cuda)",
     )
     p.add_argument(
         "--activation-sparsity",
@@ -361,6 +366,13 @@ def add_parser(subparsers, name: str) -> None:
     p.set_defaults(run=_run)
 
 
+def _head_choice(head: str | None, device: str) -> str | None:
+    """--head as the benchmark takes it: the kernel by default on the CPU, torch (None) on cuda."""
+    if head is None:
+        head = "torch" if str(device).startswith("cuda") else "kernel"
+    return None if head == "torch" else head
+
+
 def _run(args) -> dict:
     result = benchmark(
         args.model,
@@ -375,7 +387,7 @@ def _run(args) -> dict:
         micro=not args.no_micro,
         sparse_torch_threads=args.sparse_torch_threads,
         dense_dtype=args.dense_dtype,
-        head=args.head,
+        head=_head_choice(args.head, args.device),
         activation_sparsity=args.activation_sparsity,
     )
     if not args.json:

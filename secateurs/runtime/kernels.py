@@ -25,6 +25,7 @@ when it was built, and a pure-torch reference (dense reconstruction, then ``F.li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -99,6 +100,12 @@ class PackedWeight:
         return f"PackedWeight(shape={self.shape}, dtype={self.dtype}, nnz={self.nnz}, density={density}{layout})"
 
     @property
+    def full(self) -> bool:
+        """Every weight is stored (a dense matrix on the kernel, such as an LM head): the values, row by row, are
+        the matrix itself, and the kernel reads them without the mask."""
+        return self.nnz == self.shape[0] * self.shape[1]
+
+    @property
     def density(self) -> float:
         """Fraction of the weights that are stored."""
         numel = self.shape[0] * self.shape[1]
@@ -151,6 +158,21 @@ def pack(weight: torch.Tensor, values: str | torch.dtype | None = None) -> Packe
         raise ValueError(f"values must be int8 or the weight's own dtype, got {values!r}")
     kept = weight.contiguous()[bits]
     return PackedWeight((out, cols), mask, _with_padding(kept), offsets, kept.numel())
+
+
+def pack_full(weight: torch.Tensor) -> PackedWeight:
+    """A 2-D float32/bfloat16 CPU weight with every entry stored, zeros too (an LM head on the kernel's threads: the
+    kernel's dense path reads no mask). When the rows are a whole number of 16-value vectors and the weight is
+    contiguous, the values are the weight's own memory (no copy: no SIMD load can pass its end); otherwise a padded
+    copy."""
+    _check_weight(weight)
+    out, cols = weight.shape
+    mask = pack_mask(torch.ones(1, cols, dtype=torch.bool)).expand(out, -1).contiguous()
+    offsets = torch.arange(out + 1, dtype=torch.int64) * cols
+    flat = weight.reshape(-1)
+    if not (weight.is_contiguous() and cols % 16 == 0):
+        flat = _with_padding(flat)
+    return PackedWeight((out, cols), mask, flat, offsets, out * cols)
 
 
 def from_parts(mask: torch.Tensor, values: torch.Tensor, shape, scales: torch.Tensor | None = None) -> PackedWeight:
@@ -259,6 +281,11 @@ _threads: int | None = None
 # the kernel's threads, where torch's OpenMP workers still spinning after the previous matmul slow it 3-5x.
 # Keyed by the dtype the tiles are multiplied in (see _matmul_dtype).
 PREFILL_ROWS = {torch.float32: 128, torch.bfloat16: 32}
+# From how many rows of x a weight with every entry stored (an LM head on the kernel) goes to the dense matmul.
+DENSE_PREFILL_ROWS = 8
+# Threads that decompress a prefill tile: the caller alone, since torch's OpenMP workers, spinning after the
+# previous tile's matmul, hold the other cores for a while (decompressing beside them ran 3-5x slower).
+UNPACK_THREADS = int(os.environ.get("SECATEURS_UNPACK_THREADS", "1"))
 _prefill_rows: int | None = None
 
 
@@ -348,11 +375,14 @@ def spmm_reference(
 TILE_ELEMENTS = 1 << 22  # weights per decompressed tile (16 MB in fp32): a whole linear of a small model is one
 
 
-def unpack_rows(p: PackedWeight, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def unpack_rows(
+    p: PackedWeight, r0: int, r1: int, out: torch.Tensor | None = None, threads: int | None = None
+) -> torch.Tensor:
     """Rows [r0, r1) of the stored matrix, dense ``[r1 - r0, in]``: float32 (int8 codes times their scales) or, for
     bfloat16 values, bfloat16; written into ``out`` when given (contiguous, of that dtype and size). Uses the
     compiled kernel's SIMD decompression when it is built, :func:`unpack` otherwise. In the column layout the
-    stored matrix is ``W.T`` (rows [r0, r1) are W's columns) and int8 codes come unscaled."""
+    stored matrix is ``W.T`` (rows [r0, r1) are W's columns) and int8 codes come unscaled. ``threads``: the
+    kernel's threads for the decompression (default :func:`num_threads`)."""
     n, cols = p.stored_shape
     rows = r1 - r0
     dtype = torch.bfloat16 if p.values.dtype == torch.bfloat16 else torch.float32
@@ -370,8 +400,23 @@ def unpack_rows(p: PackedWeight, r0: int, r1: int, out: torch.Tensor | None = No
     else:
         m, v, code, offsets = p._args[:4]
         scales = p._scales_ptr if p._unit_scales is None else p._unit_scales.data_ptr()
-        _native.unpack(m, v, code, offsets, n, cols, scales, r0, r1, out.data_ptr(), _ISA_CODE[_isa], num_threads())
+        threads = num_threads() if threads is None else threads
+        _native.unpack(m, v, code, offsets, n, cols, scales, r0, r1, out.data_ptr(), _ISA_CODE[_isa], threads)
     return out.view(rows, cols)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block (the kernel's own count: the dense matmuls of prefill then
+    use the same cores as the kernel does, whatever torch was set to for decoding), restored after."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
 
 
 _scratch = threading.local()
@@ -404,9 +449,17 @@ def _spmm_tiled(x2: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) ->
     buffer = _scratch_buffer(rows * cols, stored)
 
     def tile(r0: int, r1: int) -> torch.Tensor:
-        t = unpack_rows(p, r0, r1, buffer[: (r1 - r0) * cols])
+        t = unpack_rows(p, r0, r1, buffer[: (r1 - r0) * cols], threads=UNPACK_THREADS)
         return t if t.dtype == dtype else t.to(dtype)
 
+    with _torch_threads(num_threads()):
+        return _tiles(xc, p, b, rows, tile, x2.dtype)
+
+
+def _tiles(xc, p, b, rows, tile, x_dtype):
+    """The products of :func:`_spmm_tiled`, tile by tile."""
+    out, cols = p.stored_shape
+    dtype = xc.dtype
     if p.layout == "columns":  # tiles of W.T: y = sum over tiles of x[:, tile's inputs] @ tile
         y = torch.zeros(xc.shape[0], cols, dtype=torch.float32 if p.scales is not None else dtype)
         for r0 in range(0, out, rows):
@@ -416,16 +469,16 @@ def _spmm_tiled(x2: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) ->
             y *= p.scales
         if b is not None:
             y += b.to(y.dtype)
-        return y if y.dtype == x2.dtype else y.to(x2.dtype)
+        return y if y.dtype == x_dtype else y.to(x_dtype)
 
     if rows == out:  # one tile: the product lands in place
         y = F.linear(xc, tile(0, out), b)
-        return y if y.dtype == x2.dtype else y.to(x2.dtype)
+        return y if y.dtype == x_dtype else y.to(x_dtype)
     y = torch.empty(xc.shape[0], out, dtype=dtype)
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
         y[:, r0:r1] = F.linear(xc, tile(r0, r1), None if b is None else b[r0:r1])
-    return y if y.dtype == x2.dtype else y.to(x2.dtype)
+    return y if y.dtype == x_dtype else y.to(x_dtype)
 
 
 def spmm(
@@ -453,6 +506,14 @@ def spmm(
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     rows = x.numel() // cols
+    if rows >= DENSE_PREFILL_ROWS and p.full and p.layout == "rows" and p.scales is None:
+        # every weight stored, float values: they are the matrix itself, multiplied in place (no decompression)
+        dtype = _matmul_dtype(x.dtype, p.values.dtype)  # as the tiled path multiplies
+        W = p.values[: p.nnz].view(out, cols).to(dtype)
+        x2 = threshold_inputs(x2.reshape(rows, cols), threshold).to(dtype)
+        with _torch_threads(num_threads()):
+            y = F.linear(x2, W, None if bias is None else bias.to(dtype))
+        return y.to(x.dtype).reshape(*x.shape[:-1], out)
     if rows >= prefill_rows(_matmul_dtype(x.dtype, p.values.dtype)):
         x2 = threshold_inputs(x2.reshape(rows, cols), threshold)
         return _spmm_tiled(x2, p, bias).reshape(*x.shape[:-1], out)

@@ -17,7 +17,7 @@ from torch import nn
 
 from secateurs import loading
 from secateurs.errors import SecateursError
-from secateurs.format.bits import pack_mask, quantize_rows, stored_bits, stored_count
+from secateurs.format.bits import pack_mask, quantize_rows, stored_count
 from secateurs.format.sparse import PACKABLE_DTYPES
 from secateurs.models import decoder_linears, load_model, weight_view
 from secateurs.runtime import kernels
@@ -52,46 +52,70 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows, dtype={str(self.dtype).removeprefix('torch.')}"
 
 
-def int8_head(model: nn.Module) -> dict:
-    """Hold the LM head as int8 codes with per-row scales on the sparse kernel (its threads, one byte a weight
-    plus a bit of mask), in place; a plain ``nn.Embedding`` tied to it becomes an :class:`Int8Embedding` over the
-    same codes, so the table is held once. Returns what it did (bytes before and after).
+HEADS = ("kernel", "int8")
+
+
+def kernel_head(model: nn.Module, values: str | None = None) -> dict:
+    """Run the LM head on the sparse kernel's own threads, in place; returns what it did (bytes before and after).
+
+    ``values=None`` keeps the head's weights as they are (float32 or bfloat16): every weight is stored, so the
+    kernel takes its dense path (no mask read, no expand). Decoding with torch on one thread (as
+    :func:`torch_threads` advises, so its idle workers leave the cores to the kernel) would otherwise run the
+    head, the largest matrix of a small model, on one core. ``values="int8"``: int8 codes with per-row scales,
+    one byte a weight. A plain ``nn.Embedding`` tied to the head then reads the very same memory (the float
+    values themselves, or an :class:`Int8Embedding` over the codes), so the table is held once.
 
     The head's weight must be on the CPU in float32 or bfloat16. An embedding of another class (one that scales
     its output, as Gemma's does) keeps its own weight.
     """
+    if values not in (None, "int8"):
+        raise SecateursError(f"head values must be int8 or None (as they are), not {values!r}")
     head = model.get_output_embeddings()
     if isinstance(head, SparseLinear):
         raise SecateursError("the LM head is already on the sparse kernel")
     if not isinstance(head, nn.Linear):
-        raise SecateursError(f"the model's LM head is a {type(head).__name__}, not a Linear: cannot store it int8")
+        raise SecateursError(f"the model's LM head is a {type(head).__name__}, not a Linear: not for the kernel")
     W = head.weight.detach()
     if W.device.type != "cpu" or W.dtype not in kernels.DTYPES:
-        raise SecateursError(f"an int8 head needs a float32 or bfloat16 head on the CPU, not {W.dtype} {W.device}")
+        raise SecateursError(f"the kernel takes a float32 or bfloat16 head on the CPU, not {W.dtype} on {W.device}")
     embedding = model.get_input_embeddings()
     tied = embedding is not None and embedding.weight.data_ptr() == W.data_ptr()
     before = W.numel() * W.element_size()
-    stored = stored_bits(W)
-    q, scales = quantize_rows(W, stored)
-    packed = kernels.from_parts(pack_mask(stored), q[stored], tuple(W.shape), scales)
+    # every weight stored, zeros too (an embedding's padding row): the kernel's dense path, and a table to share
+    if values == "int8":
+        stored = torch.ones(W.shape, dtype=torch.bool)
+        q, scales = quantize_rows(W, stored)
+        packed = kernels.from_parts(pack_mask(stored), q.reshape(-1), tuple(W.shape), scales)
+    else:
+        packed = kernels.pack_full(W)  # the weight's own memory when it can be
     sparse = SparseLinear(packed, head.bias)
     model.set_output_embeddings(sparse)
     out = {"head_bytes_before": before, "head_bytes_after": sparse.nbytes, "embedding": "separate"}
-    if tied and type(embedding) is nn.Embedding:
-        full = packed.nnz == W.numel()
-        # every weight stored: the packed values are the codes, row by row (else the table keeps its own copy)
-        codes = packed.values[: packed.nnz].view(W.shape) if full else q
-        model.set_input_embeddings(Int8Embedding(codes, packed.scales, W.dtype, embedding.padding_idx))
-        out["embedding"] = "int8, shared with the head" if full else "int8"
+    if tied and type(embedding) is nn.Embedding:  # the packed values are the table, row by row
+        table = packed.values[: packed.nnz].view(W.shape)
+        if values == "int8":
+            model.set_input_embeddings(Int8Embedding(table, packed.scales, W.dtype, embedding.padding_idx))
+            out["embedding"] = "int8, shared with the head"
+        else:
+            embedding.weight = nn.Parameter(table, requires_grad=False)
+            out["embedding"] = "shared with the head"
     elif tied:
         out["embedding"] = f"kept ({type(embedding).__name__})"
     log.info(
-        "LM head int8: %.1f MB -> %.1f MB; embedding %s",
+        "LM head on the kernel (%s): %.1f MB -> %.1f MB; embedding %s",
+        values or str(W.dtype).removeprefix("torch."),
         before / 1e6,
         sparse.nbytes / 1e6,
         out["embedding"],
     )
     return out
+
+
+def int8_head(model: nn.Module) -> dict:
+    """:func:`kernel_head` with int8 values: the LM head as int8 codes with per-row scales on the sparse kernel
+    (one byte a weight plus a bit of mask); a plain tied embedding becomes an :class:`Int8Embedding` over the
+    same codes."""
+    return kernel_head(model, "int8")
 
 
 def _threshold(min_sparsity: float | None) -> float:
@@ -191,16 +215,17 @@ def load_sparse(
     A plain module's folder (``save_sparse(model, DIR)`` of a sparse-trained model) gives (model, None): the model
     is ``model`` (an instance of the saved class) or, for the models secateurs defines, one rebuilt from the
     folder's architecture record; its sparse Linears run on the kernel, convolutions are unpacked to dense.
-    ``head="int8"``: the LM head (and a plain embedding tied to it) held as int8 too, see :func:`int8_head`.
+    ``head="kernel"``: the LM head runs on the kernel's threads as it is; ``head="int8"``: held as int8 there too
+    (and a plain embedding tied to it), see :func:`kernel_head`.
     ``activation_sparsity``: skip that fraction of each linear's inputs at decode (a number, or a dict of glob
     pattern to number), thresholds calibrated on ``calibration`` (a :class:`~secateurs.data.calibration.Calibration`;
     default a few windows of bundled text): see :func:`secateurs.runtime.activation.sparsify_activations`.
     """
-    if head not in (None, "int8"):
-        raise SecateursError(f"head must be int8 or None, not {head!r}")
+    if head not in (None, *HEADS):
+        raise SecateursError(f"head must be one of {', '.join(HEADS)} or None, not {head!r}")
     threshold = _threshold(min_sparsity)
     if head and loading.is_module_folder(folder):
-        raise SecateursError(f"{folder} holds a plain module, not a language model: it has no LM head to store int8")
+        raise SecateursError(f"{folder} holds a plain module, not a language model: it has no LM head for the kernel")
     if activation_sparsity is not None:
         from secateurs.runtime.activation import check_sparsity
 
@@ -225,7 +250,7 @@ def _load_lm(folder, dtype, threshold, threads, model, head):
         model, tokenizer, _ = load_model(str(folder), dtype or "auto")
         to_sparse_linears(model, threshold)
         if head:
-            int8_head(model)
+            kernel_head(model, "int8" if head == "int8" else None)
         return model, tokenizer
     model, packed, tokenizer = loading.read_sparse(folder, dtype)
     converted = 0
@@ -243,7 +268,7 @@ def _load_lm(folder, dtype, threshold, threads, model, head):
     log.info("loaded %s: %d sparse linears, %d packed ones unpacked", folder, converted, len(packed) - converted)
     model = loading.check_loaded(model)
     if head:
-        int8_head(model)
+        kernel_head(model, "int8" if head == "int8" else None)
     return model, tokenizer
 
 

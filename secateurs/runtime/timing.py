@@ -183,14 +183,21 @@ def prefill_seconds(model: nn.Module, ids: torch.Tensor, device=None) -> float:
     return time.perf_counter() - start
 
 
+def kernel_linears(model: nn.Module) -> list[SparseLinear]:
+    """The model's linears on the sparse kernel, its LM head excepted (one put there by ``kernel_head`` is dense)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    return [m for m in model.modules() if isinstance(m, SparseLinear) and m is not head]
+
+
 # ----------------------------------------------------------------------------------------------- per shape
 def microbench(model: nn.Module, dtype: torch.dtype, batch: int, prefill: int, repeat: int = 5) -> list[dict]:
-    """For each weight shape among the model's sparse linears: our kernel vs ``F.linear`` (dense), seconds per call,
-    at ``batch`` rows (decode) and ``prefill`` rows; ``count`` is how many linears have that shape."""
+    """For each weight shape among the model's sparse linears (not the LM head): our kernel vs ``F.linear`` (dense),
+    seconds per call, at ``batch`` rows (decode) and ``prefill`` rows; ``count`` is how many linears have that
+    shape."""
     by_shape: dict[tuple, list[SparseLinear]] = {}
-    for module in model.modules():
-        if isinstance(module, SparseLinear):
-            by_shape.setdefault(module.packed.shape, []).append(module)
+    for module in kernel_linears(model):
+        by_shape.setdefault(module.packed.shape, []).append(module)
     rows = []
     for shape, modules in sorted(by_shape.items()):
         module = modules[len(modules) // 2]  # a layer from the middle of the stack

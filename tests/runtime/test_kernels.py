@@ -352,6 +352,43 @@ def test_int8_from_parts_checks_scales():
         kernels.pack(sparse_weight(6, 13, 0.5), "int4")
 
 
+# ------------------------------------------------------------------------------ every weight stored (dense)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("out, cols", [(1, 1), (5, 7), (9, 16), (13, 17), (21, 33), (6, 576)])
+def test_full_weights_take_the_dense_path_and_match_truth(isa, values, out, cols, monkeypatch):
+    """A weight with every entry stored (an LM head on the kernel) is flagged full; the kernel's dense path (no mask
+    read) matches float64 truth for 1-7 tokens on every ISA and thread count, and from DENSE_PREFILL_ROWS rows the
+    float values are multiplied in place, never decompressed."""
+    kernels.set_isa(isa)
+    dtype = torch.bfloat16 if values == "bfloat16" else torch.float32
+    weight = torch.randn(out, cols, generator=torch.Generator().manual_seed(out * cols)).to(dtype)
+    weight[weight == 0] = 1.0
+    p = kernels.pack(weight, "int8" if values == "int8" else None)
+    assert p.full and not kernels.pack(sparse_weight(out + 3, cols, 0.5)).full
+    if values != "int8":  # the same weight held in its own memory (when its rows are whole 16-value vectors)
+        p = kernels.pack_full(weight)
+        assert p.full and (p.values.data_ptr() == weight.data_ptr()) == (cols % 16 == 0)
+        assert same_bits(kernels.unpack(p), weight)
+    held = kernels.unpack(p)
+    bias = torch.randn(out)
+    for threads in (1, 2, 3):
+        kernels.set_num_threads(threads)
+        for batch in range(1, kernels.DENSE_PREFILL_ROWS):
+            for xdtype in DTYPES:
+                x = torch.randn(batch, cols).to(xdtype)
+                assert_close_to_truth(kernels.spmm(x, p, bias), x, held, bias)
+    if values != "int8":
+
+        def never(*args, **kwargs):
+            raise AssertionError("a full float weight is never decompressed")
+
+        monkeypatch.setattr(kernels, "unpack_rows", never)
+    x = torch.randn(2, 9, cols)
+    y = kernels.spmm(x, p, bias)
+    assert_close_to_truth(y.reshape(-1, out), x.reshape(-1, cols), held.float(), bias)
+
+
 # ------------------------------------------------------------------------------------- tiled prefill path
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])

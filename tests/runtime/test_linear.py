@@ -263,15 +263,57 @@ def test_int8_head(family):
         int8_head(model)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_kernel_head_keeps_the_weights_and_shares_a_tied_table(family):
+    """``kernel_head`` puts the head on the kernel as it is (every weight stored, the dense path): the weight is
+    bit-identical, logits equal the dense model's to fp32 accumulation error, and a plain tied embedding reads the
+    very same memory (held once: only the mask and row offsets are added)."""
+    from secateurs.runtime.linear import kernel_head
+
+    model = pruned_tiny(family)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+        embedded = model.get_input_embeddings()(ids)
+    W = model.get_output_embeddings().weight.detach().clone()
+    held = timing.weight_bytes(model)
+    info = kernel_head(model)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert isinstance(head, SparseLinear) and head.packed.full and head.packed.dtype == W.dtype
+    assert torch.equal(head.dense_weight(), W)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids[:, :1]).logits, before[:, :1], rtol=1e-5, atol=1e-5)  # decode: kernel
+        assert torch.equal(model.get_input_embeddings()(ids), embedded)
+    if family == "gpt2":  # tied plain embedding: the head's packed values are the table
+        assert info["embedding"] == "shared with the head"
+        assert embedding.weight.data_ptr() == head.packed.values.data_ptr()
+        extra = W.numel() / 8 + 8 * (W.shape[0] + 1) + kernels.PAD_VALUES * W.element_size()
+        assert timing.weight_bytes(model) <= held + extra
+    elif family == "gemma3":
+        assert info["embedding"].startswith("kept")
+    else:
+        assert info["embedding"] == "separate"
+    with pytest.raises(SecateursError, match="already on the sparse kernel"):
+        kernel_head(model)
+    with pytest.raises(SecateursError, match="int8 or None"):
+        kernel_head(pruned_tiny("gpt2"), "int4")
+
+
 def test_load_sparse_with_int8_head(tmp_path):
     model = pruned_tiny("gpt2")
     save_sparse(model, None, tmp_path / "s", progress=False)
     fast, _ = load_sparse(tmp_path / "s", head="int8")
     assert fast.get_output_embeddings().packed.dtype == torch.int8
+    on_kernel, _ = load_sparse(tmp_path / "s", head="kernel")
+    assert on_kernel.get_output_embeddings().packed.full
+    with torch.no_grad():
+        ids = torch.randint(0, VOCAB, (1, 6))
+        torch.testing.assert_close(on_kernel(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     ids = torch.randint(0, VOCAB, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).logits, model(ids).logits, atol=0.02, rtol=0.02)
-    with pytest.raises(SecateursError, match="head must be int8"):
+    with pytest.raises(SecateursError, match="head must be one of kernel, int8"):
         load_sparse(tmp_path / "s", head="int4")
 
 

@@ -4,7 +4,9 @@
 // stored values in row-major order, padded so a full SIMD vector may be loaded past the last value. Values are
 // float32, bfloat16, or int8 with one float32 scale per row (W[o, j] = scales[o] * q[o, j]; the scale multiplies
 // the row's finished sum, so the inner loop only widens int8 to fp32). Each kernel computes
-// y[t, o] = sum_j W[o, j] * x[t, j] (+ bias[o]) in fp32 for the rows [r0, r1) and every token t.
+// y[t, o] = sum_j W[o, j] * x[t, j] (+ bias[o]) in fp32 for the rows [r0, r1) and every token t. A weight with
+// every entry stored (an LM head on the kernel's threads) is flagged dense: the SIMD kernels then load its values
+// in place, without reading the mask or expanding.
 #pragma once
 
 #include <stdint.h>
@@ -26,6 +28,7 @@ struct Problem {
     const float* bias;           // [out] fp32 or null
     float* y;                    // [m, y_stride] fp32
     int64_t y_stride;
+    bool dense = false;          // every weight stored (full mask): the values are the rows themselves
 };
 
 void rows_scalar(const Problem& p, int64_t r0, int64_t r1);

@@ -64,7 +64,9 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-template <int MB, int R, int VT>
+// R consecutive rows starting at o, MB consecutive tokens starting at t0. Dense: every weight stored, so the
+// next 8 values are the next 8 columns (no mask read, no permutation).
+template <int MB, int R, int VT, bool Dense>
 void block(const Problem& p, int64_t o, int64_t t0) {
     __m256 acc[R * MB];
     for (int i = 0; i < R * MB; ++i) acc[i] = _mm256_setzero_ps();
@@ -79,9 +81,15 @@ void block(const Problem& p, int64_t o, int64_t t0) {
     const int64_t full = p.in >> 3;
     for (int64_t c = 0; c < full; ++c) {
         for (int r = 0; r < R; ++r) {
-            const uint32_t byte = mrow[r][c];
-            const __m256 w = expand8<VT>(p.values, pos[r], byte);
-            pos[r] += __builtin_popcount(byte);
+            __m256 w;
+            if (Dense) {
+                w = load8<VT>(p.values, pos[r]);
+                pos[r] += 8;
+            } else {
+                const uint32_t byte = mrow[r][c];
+                w = expand8<VT>(p.values, pos[r], byte);
+                pos[r] += __builtin_popcount(byte);
+            }
             for (int t = 0; t < MB; ++t)
                 acc[r * MB + t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * xs + c * 8), acc[r * MB + t]);
         }
@@ -108,23 +116,31 @@ void block(const Problem& p, int64_t o, int64_t t0) {
 constexpr int kRows = 2;
 constexpr int kTokens = 4;
 
-template <int R, int VT>
+template <int R, int VT, bool Dense>
 void tokens(const Problem& p, int64_t o) {
     int64_t t0 = 0;
-    for (; t0 + kTokens <= p.m; t0 += kTokens) block<kTokens, R, VT>(p, o, t0);
+    for (; t0 + kTokens <= p.m; t0 += kTokens) block<kTokens, R, VT, Dense>(p, o, t0);
     switch (p.m - t0) {
-        case 1: block<1, R, VT>(p, o, t0); break;
-        case 2: block<2, R, VT>(p, o, t0); break;
-        case 3: block<3, R, VT>(p, o, t0); break;
+        case 1: block<1, R, VT, Dense>(p, o, t0); break;
+        case 2: block<2, R, VT, Dense>(p, o, t0); break;
+        case 3: block<3, R, VT, Dense>(p, o, t0); break;
         default: break;
     }
 }
 
+template <int VT, bool Dense>
+void rows_of(const Problem& p, int64_t r0, int64_t r1) {
+    int64_t o = r0;
+    for (; o + kRows <= r1; o += kRows) tokens<kRows, VT, Dense>(p, o);
+    for (; o < r1; ++o) tokens<1, VT, Dense>(p, o);
+}
+
 template <int VT>
 void all_rows(const Problem& p, int64_t r0, int64_t r1) {
-    int64_t o = r0;
-    for (; o + kRows <= r1; o += kRows) tokens<kRows, VT>(p, o);
-    for (; o < r1; ++o) tokens<1, VT>(p, o);
+    if (p.dense)
+        rows_of<VT, true>(p, r0, r1);
+    else
+        rows_of<VT, false>(p, r0, r1);
 }
 
 template <int VT>

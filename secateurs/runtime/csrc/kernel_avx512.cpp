@@ -30,7 +30,7 @@ inline uint32_t bits16(const uint8_t* p) {
 // memory-operand form of vexpandps is many times slower on AMD Zen 4/5. bf16 values are widened to fp32 first:
 // vpmovzxwd + shift + vexpandps is twice as fast there as vpexpandw on 16-bit lanes.
 template <int VT>
-inline __m512 expand16(const void* values, int64_t pos, __mmask16 k) {
+inline __m512 load16(const void* values, int64_t pos) {
     __m512 raw;
     if (VT == kI8) {  // int8 widened to fp32 before the expand; the row's scale multiplies its finished sum
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + pos));
@@ -41,6 +41,12 @@ inline __m512 expand16(const void* values, int64_t pos, __mmask16 k) {
     } else {
         raw = _mm512_loadu_ps(static_cast<const float*>(values) + pos);
     }
+    return raw;
+}
+
+template <int VT>
+inline __m512 expand16(const void* values, int64_t pos, __mmask16 k) {
+    __m512 raw = load16<VT>(values, pos);
     __asm__("" : "+v"(raw));
     return _mm512_maskz_expand_ps(k, raw);
 }
@@ -55,8 +61,9 @@ inline __m256 reduce8(const __m512* v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
-// R consecutive rows starting at o, MB consecutive tokens starting at t0.
-template <int MB, int R, int VT>
+// R consecutive rows starting at o, MB consecutive tokens starting at t0. Dense: every weight stored, so the
+// next 16 values are the next 16 columns (no mask read, no expand).
+template <int MB, int R, int VT, bool Dense>
 void block(const Problem& p, int64_t o, int64_t t0) {
     __m512 acc[R * MB];
     for (int i = 0; i < R * MB; ++i) acc[i] = _mm512_setzero_ps();
@@ -73,9 +80,15 @@ void block(const Problem& p, int64_t o, int64_t t0) {
         __m512 xv[MB];
         for (int t = 0; t < MB; ++t) xv[t] = _mm512_loadu_ps(x + t * xs + c * 16);
         for (int r = 0; r < R; ++r) {
-            const uint32_t bits = bits16(mrow[r] + 2 * c);
-            const __m512 w = expand16<VT>(p.values, pos[r], static_cast<__mmask16>(bits));
-            pos[r] += __builtin_popcount(bits);
+            __m512 w;
+            if (Dense) {
+                w = load16<VT>(p.values, pos[r]);
+                pos[r] += 16;
+            } else {
+                const uint32_t bits = bits16(mrow[r] + 2 * c);
+                w = expand16<VT>(p.values, pos[r], static_cast<__mmask16>(bits));
+                pos[r] += __builtin_popcount(bits);
+            }
             for (int t = 0; t < MB; ++t) acc[r * MB + t] = _mm512_fmadd_ps(w, xv[t], acc[r * MB + t]);
         }
     }
@@ -113,23 +126,31 @@ void block(const Problem& p, int64_t o, int64_t t0) {
 constexpr int kRows = 4;
 constexpr int kTokens = 4;
 
-template <int R, int VT>
+template <int R, int VT, bool Dense>
 void tokens(const Problem& p, int64_t o) {
     int64_t t0 = 0;
-    for (; t0 + kTokens <= p.m; t0 += kTokens) block<kTokens, R, VT>(p, o, t0);
+    for (; t0 + kTokens <= p.m; t0 += kTokens) block<kTokens, R, VT, Dense>(p, o, t0);
     switch (p.m - t0) {
-        case 1: block<1, R, VT>(p, o, t0); break;
-        case 2: block<2, R, VT>(p, o, t0); break;
-        case 3: block<3, R, VT>(p, o, t0); break;
+        case 1: block<1, R, VT, Dense>(p, o, t0); break;
+        case 2: block<2, R, VT, Dense>(p, o, t0); break;
+        case 3: block<3, R, VT, Dense>(p, o, t0); break;
         default: break;
     }
 }
 
+template <int VT, bool Dense>
+void rows_of(const Problem& p, int64_t r0, int64_t r1) {
+    int64_t o = r0;
+    for (; o + kRows <= r1; o += kRows) tokens<kRows, VT, Dense>(p, o);
+    for (; o < r1; ++o) tokens<1, VT, Dense>(p, o);
+}
+
 template <int VT>
 void all_rows(const Problem& p, int64_t r0, int64_t r1) {
-    int64_t o = r0;
-    for (; o + kRows <= r1; o += kRows) tokens<kRows, VT>(p, o);
-    for (; o < r1; ++o) tokens<1, VT>(p, o);
+    if (p.dense)
+        rows_of<VT, true>(p, r0, r1);
+    else
+        rows_of<VT, false>(p, r0, r1);
 }
 
 template <int VT>

@@ -370,6 +370,7 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     p.out = out;
     p.in = in;
     p.m = m;
+    p.dense = p.row_offsets[out] - p.row_offsets[0] == out * in;
     job.isa = static_cast<Isa>(isa);
 
     bool no_memory = false;
