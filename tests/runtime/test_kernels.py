@@ -352,6 +352,29 @@ def test_int8_from_parts_checks_scales():
         kernels.pack(sparse_weight(6, 13, 0.5), "int4")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])
+def test_one_token_path_on_every_width(isa, values):
+    """One token (decode) takes a path of its own (a row at a time, four accumulators over groups of chunks,
+    prefetching ahead): every width from 0 to 9 whole chunks plus every remainder kind, sparse and full rows,
+    against float64 truth; a 2-token call over the same weight agrees (the block path)."""
+    kernels.set_isa(isa)
+    dtype = torch.bfloat16 if values == "bfloat16" else torch.float32
+    for chunks in range(10):
+        for extra in (0, 1, 5, 8, 9, 15):
+            cols = 16 * chunks + extra
+            if cols == 0:
+                continue
+            for sparsity in (0.0, 0.7):
+                weight = sparse_weight(11, cols, sparsity, dtype, seed=cols)
+                p = kernels.pack(weight, "int8" if values == "int8" else None)
+                held, bias = kernels.unpack(p), torch.randn(11)
+                x = torch.randn(2, cols)
+                one = kernels.spmm(x[:1], p, bias)
+                assert_close_to_truth(one, x[:1], held, bias)
+                torch.testing.assert_close(one, kernels.spmm(x, p, bias)[:1], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ every weight stored (dense)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])

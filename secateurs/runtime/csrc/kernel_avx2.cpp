@@ -128,8 +128,62 @@ void tokens(const Problem& p, int64_t o) {
     }
 }
 
+// One token (decode): each row on its own, its 8-column chunks spread over four accumulators, with a software
+// prefetch kPrefetchBytes ahead in the values and the mask (see the AVX-512 kernel's single_token).
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <int VT, bool Dense>
+void single_token(const Problem& p, int64_t r0, int64_t r1) {
+    constexpr int kElem = VT == kF32 ? 4 : VT == kBF16 ? 2 : 1;
+    const char* values = static_cast<const char*>(p.values);
+    const float* x = p.x;
+    const int64_t full = p.in >> 3;
+    const int rem = static_cast<int>(p.in & 7);
+    for (int64_t o = r0; o < r1; ++o) {
+        const uint8_t* mrow = p.mask + o * p.mask_stride;
+        int64_t pos = p.row_offsets[o];
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int64_t c = 0;
+        for (; c + 4 <= full; c += 4) {
+            if (!Dense) _mm_prefetch(reinterpret_cast<const char*>(mrow + c + kPrefetchBytes / 8), _MM_HINT_T0);
+            _mm_prefetch(values + pos * kElem + kPrefetchBytes, _MM_HINT_T0);  // (never faults past the end)
+            for (int u = 0; u < 4; ++u) {
+                __m256 w;
+                if (Dense) {
+                    w = load8<VT>(p.values, pos);
+                    pos += 8;
+                } else {
+                    const uint32_t byte = mrow[c + u];
+                    w = expand8<VT>(p.values, pos, byte);
+                    pos += __builtin_popcount(byte);
+                }
+                acc[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (c + u) * 8), acc[u]);
+            }
+        }
+        for (; c < full; ++c) {
+            const uint32_t byte = mrow[c];  // (a dense row's mask bits are all set)
+            const __m256 w = expand8<VT>(p.values, pos, byte);
+            pos += __builtin_popcount(byte);
+            acc[c & 3] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c * 8), acc[c & 3]);
+        }
+        if (rem) {  // x read with a lane mask (vmaskmovps does not touch masked-off memory)
+            const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            const __m256i xmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lanes);
+            const __m256 w = expand8<VT>(p.values, pos, mrow[full]);
+            acc[3] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + full * 8, xmask), acc[3]);
+        }
+        const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        const float scale = VT == kI8 ? p.scales[o] : 1.0f;
+        p.y[o] = hsum(sum) * scale + (p.bias ? p.bias[o] : 0.0f);
+    }
+}
+
 template <int VT, bool Dense>
 void rows_of(const Problem& p, int64_t r0, int64_t r1) {
+    if (p.m == 1) {
+        single_token<VT, Dense>(p, r0, r1);
+        return;
+    }
     int64_t o = r0;
     for (; o + kRows <= r1; o += kRows) tokens<kRows, VT, Dense>(p, o);
     for (; o < r1; ++o) tokens<1, VT, Dense>(p, o);

@@ -138,8 +138,66 @@ void tokens(const Problem& p, int64_t o) {
     }
 }
 
+// One token (decode), where the weight streams from memory and the kernel must keep enough of it in flight: each
+// row on its own, so the mask and the values are each one forward stream; its 16-column chunks spread over four
+// accumulators; and a software prefetch kPrefetchBytes ahead in the values (and the mask), since the next loads'
+// addresses depend on the mask bits just read and the core's own look-ahead covers only a few lines of packed
+// values (SmolLM2 70%, all 210 linears in turn, 2 threads: 13.5 -> 9.3 ms).
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <int VT, bool Dense>
+void single_token(const Problem& p, int64_t r0, int64_t r1) {
+    constexpr int kElem = VT == kF32 ? 4 : VT == kBF16 ? 2 : 1;
+    const char* values = static_cast<const char*>(p.values);
+    const float* x = p.x;
+    const int64_t full = p.in >> 4;
+    const int rem = static_cast<int>(p.in & 15);
+    for (int64_t o = r0; o < r1; ++o) {
+        const uint8_t* mrow = p.mask + o * p.mask_stride;
+        int64_t pos = p.row_offsets[o];
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        int64_t c = 0;
+        for (; c + 4 <= full; c += 4) {
+            if (!Dense) _mm_prefetch(reinterpret_cast<const char*>(mrow + 2 * c + kPrefetchBytes / 8), _MM_HINT_T0);
+            for (int u = 0; u < 4; ++u) {
+                _mm_prefetch(values + pos * kElem + kPrefetchBytes, _MM_HINT_T0);  // (never faults past the end)
+                __m512 w;
+                if (Dense) {
+                    w = load16<VT>(p.values, pos);
+                    pos += 16;
+                } else {
+                    const uint32_t bits = bits16(mrow + 2 * (c + u));
+                    w = expand16<VT>(p.values, pos, static_cast<__mmask16>(bits));
+                    pos += __builtin_popcount(bits);
+                }
+                acc[u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (c + u) * 16), acc[u]);
+            }
+        }
+        for (; c < full; ++c) {
+            const uint32_t bits = bits16(mrow + 2 * c);  // (a dense row's mask bits are all set)
+            const __m512 w = expand16<VT>(p.values, pos, static_cast<__mmask16>(bits));
+            pos += __builtin_popcount(bits);
+            acc[c & 3] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + c * 16), acc[c & 3]);
+        }
+        if (rem) {  // the last byte or two of the row; x read with a lane mask so nothing past the row is touched
+            const __mmask16 xmask = static_cast<__mmask16>((1u << rem) - 1);
+            uint32_t bits = mrow[2 * full];
+            if (rem > 8) bits |= static_cast<uint32_t>(mrow[2 * full + 1]) << 8;
+            const __m512 w = expand16<VT>(p.values, pos, static_cast<__mmask16>(bits));
+            acc[3] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(xmask, x + full * 16), acc[3]);
+        }
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        const float scale = VT == kI8 ? p.scales[o] : 1.0f;
+        p.y[o] = _mm512_reduce_add_ps(sum) * scale + (p.bias ? p.bias[o] : 0.0f);
+    }
+}
+
 template <int VT, bool Dense>
 void rows_of(const Problem& p, int64_t r0, int64_t r1) {
+    if (p.m == 1) {
+        single_token<VT, Dense>(p, r0, r1);
+        return;
+    }
     int64_t o = r0;
     for (; o + kRows <= r1; o += kRows) tokens<kRows, VT, Dense>(p, o);
     for (; o < r1; ++o) tokens<1, VT, Dense>(p, o);
