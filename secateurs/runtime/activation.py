@@ -202,6 +202,8 @@ def sparsify_activations(
         module = linears[name]
         if kernel:
             if isinstance(module, SparseLinear):
+                if module.shared is not None:  # thresholded linears run on their own, in the column layout
+                    module.shared[0].release()
                 module.packed = kernels.to_layout(module.packed, "columns")
             else:
                 module = SparseLinear.from_dense(module, layout="columns")

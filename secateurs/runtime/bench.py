@@ -35,6 +35,7 @@ from secateurs.models import default_device, load_model, resolve_dtype
 from secateurs.runtime import kernels, timing
 from secateurs.runtime.activation import check_sparsity, sparsify_activations
 from secateurs.runtime.cuda import to_semi_structured
+from secateurs.runtime.fused import fuse_shared_inputs
 from secateurs.runtime.linear import HEADS, SparseLinear, kernel_head, load_sparse, torch_threads
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,14 @@ def _int8(model) -> bool:
 
 
 def _load_pair(
-    folder: Path, dtype, device: torch.device, min_sparsity: float | None, dense_dtype=None, head=None, activation=None
+    folder: Path,
+    dtype,
+    device: torch.device,
+    min_sparsity: float | None,
+    dense_dtype=None,
+    head=None,
+    activation=None,
+    fuse: bool = True,
 ):
     """(models by name, tokenizer, rss added by each, conversion summary); the models are ``dense`` and ``sparse``,
     and with ``activation`` (the sparse model's activation sparsity) also ``weights_only``, the same sparse weights
@@ -73,7 +81,7 @@ def _load_pair(
     loading.load_tokenizer(folder)
 
     def sparse_load(with_activation: bool):
-        model, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity)
+        model, tokenizer = load_sparse(folder, dtype=dtype, min_sparsity=min_sparsity, fuse=False)
         int8 = _int8(model)
         if dtype is None and int8:
             model.to(torch.bfloat16)  # int8 values run with bf16 activations (the codes stay int8)
@@ -82,6 +90,8 @@ def _load_pair(
         summary = None
         if with_activation:
             summary = sparsify_activations(model, activation, tokenizer, kernel=True)
+        if fuse:
+            fuse_shared_inputs(model)
         return model, tokenizer, int8, summary
 
     rss = timing.rss()
@@ -123,6 +133,7 @@ def benchmark(
     dense_dtype: str | torch.dtype | None = None,
     head: str | None = None,
     activation_sparsity=None,
+    fuse: bool = True,
 ) -> dict:
     """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc.
 
@@ -132,7 +143,8 @@ def benchmark(
     ``"int8"``: as int8 rows (and a tied plain embedding too), see :func:`secateurs.runtime.linear.kernel_head`;
     None: left to torch. ``activation_sparsity``: the sparse model
     also skips that fraction of each linear's inputs (:func:`secateurs.runtime.activation.sparsify_activations`),
-    and the same sparse weights without it are measured too (``weights_only``)."""
+    and the same sparse weights without it are measured too (``weights_only``). ``fuse``: the sparse linears
+    that share an input run as one kernel call (:func:`secateurs.runtime.fused.fuse_shared_inputs`)."""
     if tokens < 2 or prompt_len < 1 or batch < 1 or repeat < 1:
         raise SecateursError("need --tokens >= 2, --prompt-len >= 1, --batch >= 1 and --repeat >= 1")
     folder = Path(folder).expanduser()
@@ -155,7 +167,9 @@ def benchmark(
     dense_dtype = resolve_dtype(dense_dtype)
     dense_dtype = None if dense_dtype == "auto" else dense_dtype
     bandwidth = timing.read_bandwidth(device=device)
-    models, _, rss, conversion = _load_pair(folder, dtype, device, min_sparsity, dense_dtype, head, activation_sparsity)
+    models, _, rss, conversion = _load_pair(
+        folder, dtype, device, min_sparsity, dense_dtype, head, activation_sparsity, fuse
+    )
     sparse, dense = models["sparse"], models["dense"]
     dtype = next(sparse.parameters()).dtype
     values = sorted({dtype_name(m.packed.dtype) for m in timing.kernel_linears(sparse)})
@@ -189,6 +203,7 @@ def benchmark(
         "dense_dtype": str(next(dense.parameters()).dtype).removeprefix("torch."),
         "sparse_values": values or None,
         "sparse_head": head or "as stored",
+        "fused_shared_inputs": fuse and device.type == "cpu",
         "threads": torch.get_num_threads(),
         "kernel_threads": kernels.num_threads(),
         "sparse_torch_threads": own_threads["sparse"],
@@ -361,6 +376,12 @@ def add_parser(subparsers, name: str) -> None:
         help="torch's own threads while the sparse model runs (its sparse linears use the kernel's --threads); "
         "default 1, so idle torch workers do not spin on the kernel's cores; 0 = same as --threads",
     )
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="run every sparse linear in a call of its own (default: the linears that share an input, q/k/v and "
+        "gate/up, run as one call)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.set_defaults(run=_run)
@@ -389,6 +410,7 @@ def _run(args) -> dict:
         dense_dtype=args.dense_dtype,
         head=_head_choice(args.head, args.device),
         activation_sparsity=args.activation_sparsity,
+        fuse=not args.no_fuse,
     )
     if not args.json:
         print(format_table(result))

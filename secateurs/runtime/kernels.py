@@ -26,6 +26,7 @@ when it was built, and a pure-torch reference (dense reconstruction, then ``F.li
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 from dataclasses import dataclass, field
@@ -83,6 +84,12 @@ class PackedWeight:
         if self.layout == "columns" and self.scales is not None:
             unit = torch.ones(self.shape[1], dtype=torch.float32)
         object.__setattr__(self, "_unit_scales", unit)
+
+    def __deepcopy__(self, memo) -> PackedWeight:
+        # a copy must hold pointers to its own tensors: build it anew (the cached native arguments are addresses)
+        tensors = {name: copy.deepcopy(getattr(self, name), memo) for name in ("mask", "values", "row_offsets")}
+        scales = None if self.scales is None else copy.deepcopy(self.scales, memo)
+        return PackedWeight(self.shape, nnz=self.nnz, scales=scales, layout=self.layout, **tensors)
 
     @property
     def stored_shape(self) -> tuple[int, int]:

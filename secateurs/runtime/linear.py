@@ -204,6 +204,7 @@ def load_sparse(
     head: str | None = None,
     activation_sparsity=None,
     calibration=None,
+    fuse: bool = True,
 ):
     """(model, tokenizer) ready for ``model.generate``, with the sparse linears running on the sparse kernel.
 
@@ -220,6 +221,9 @@ def load_sparse(
     ``activation_sparsity``: skip that fraction of each linear's inputs at decode (a number, or a dict of glob
     pattern to number), thresholds calibrated on ``calibration`` (a :class:`~secateurs.data.calibration.Calibration`;
     default a few windows of bundled text): see :func:`secateurs.runtime.activation.sparsify_activations`.
+    ``fuse``: the linears that share an input (q/k/v, gate/up) run as one kernel call each group, their weights
+    held once (:func:`secateurs.runtime.fused.fuse_shared_inputs`; outputs unchanged). Change the model's dtype
+    before grouping (``dtype=`` here does), not after: a group holds its members' biases as they were.
     """
     if head not in (None, *HEADS):
         raise SecateursError(f"head must be one of {', '.join(HEADS)} or None, not {head!r}")
@@ -237,6 +241,10 @@ def load_sparse(
         from secateurs.runtime.activation import sparsify_activations
 
         sparsify_activations(model, activation_sparsity, tokenizer, calibration=calibration, kernel=True)
+    if fuse and tokenizer is not None:
+        from secateurs.runtime.fused import fuse_shared_inputs
+
+        fuse_shared_inputs(model)
     return model, tokenizer
 
 

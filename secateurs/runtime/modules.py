@@ -31,6 +31,9 @@ class SparseLinear(nn.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match {self.out_features} outputs")
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # (group, index) when this linear shares its input with others and is multiplied with them in one call
+        # (secateurs.runtime.fused); ``packed`` then views its rows of the group's weight
+        self.shared = None
 
     @classmethod
     def from_dense(cls, module: nn.Module, values: str | None = None, layout: str = "rows") -> SparseLinear:
@@ -43,6 +46,9 @@ class SparseLinear(nn.Module):
         return cls(packed, bias, transposed=not isinstance(module, nn.Linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            group, index = self.shared
+            return group.forward(index, x)
         return kernels.spmm(x, self.packed, self.bias, self.threshold)
 
     def dense_weight(self) -> torch.Tensor:
@@ -63,6 +69,8 @@ class SparseLinear(nn.Module):
         extra = "" if p.layout == "rows" else f", layout={p.layout}"
         if self.threshold is not None:
             extra += f", threshold={self.threshold:.4g}"
+        if self.shared is not None:
+            extra += f", shares its input with {len(self.shared[0].members) - 1} more (one call)"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"dtype={str(p.dtype).removeprefix('torch.')}, density={p.density:.3f}{extra}"

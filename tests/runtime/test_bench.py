@@ -88,8 +88,9 @@ def _wrap_bench_helper(monkeypatch, name, make_wrapper):
 
 
 def test_bench_decodes_on_the_kernel_and_matches_the_pruned_model(sparse_tiny_dir, monkeypatch):
-    """During the benchmark's decode the sparse model calls the kernel once per packed linear per forward (the
-    dense one never), and both produce the greedy tokens of the pruned model, decoded here by hand."""
+    """During the benchmark's decode the sparse model calls the kernel once per packed linear per forward, once
+    for each group of linears sharing an input (the dense one never), and both produce the greedy tokens of the
+    pruned model, decoded here by hand."""
     folder, pruned = sparse_tiny_dir
     calls = {"spmm": 0}
     real_spmm = kernels.spmm
@@ -101,13 +102,25 @@ def test_bench_decodes_on_the_kernel_and_matches_the_pruned_model(sparse_tiny_di
     def packed(model):
         return sum(isinstance(m, SparseLinear) for m in model.modules())
 
+    def calls_per_forward(model):  # one per linear, but one per group of linears sharing an input
+        linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
+        return sum(m.shared is None for m in linears) + len({id(m.shared[0]) for m in linears if m.shared})
+
     decodes, generated = [], []
 
     def watch_decode(real):
         def decode_loop(model, ids, tokens, device=None):
             before = calls["spmm"]
             seconds, new = real(model, ids, tokens, device)
-            decodes.append({"packed": packed(model), "tokens": tokens, "spmm": calls["spmm"] - before, "new": new})
+            decodes.append(
+                {
+                    "packed": packed(model),
+                    "calls": calls_per_forward(model),
+                    "tokens": tokens,
+                    "spmm": calls["spmm"] - before,
+                    "new": new,
+                }
+            )
             decodes[-1]["ids"] = ids
             return seconds, new
 
@@ -131,7 +144,8 @@ def test_bench_decodes_on_the_kernel_and_matches_the_pruned_model(sparse_tiny_di
     assert len(sparse_runs) == len(dense_runs) == 1 + 2  # warm-up, then the repeats
     assert all(d["packed"] == 21 for d in sparse_runs)  # every pruned linear is packed in the sparse model
     for d in sparse_runs:  # a forward per new token (the prefill, then tokens - 1 steps), every packed linear
-        assert d["spmm"] == d["tokens"] * 21, d
+        assert d["calls"] == 21 - 3 * (2 + 1)  # per layer q/k/v one call, gate/up one call
+        assert d["spmm"] == d["tokens"] * d["calls"], d
     assert all(d["spmm"] == 0 for d in dense_runs)
     ids = decodes[0]["ids"]
     want = _own_greedy(pruned, ids, 4, pruned.config.eos_token_id)

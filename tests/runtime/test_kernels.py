@@ -375,6 +375,24 @@ def test_one_token_path_on_every_width(isa, values):
                 torch.testing.assert_close(one, kernels.spmm(x, p, bias)[:1], rtol=1e-5, atol=1e-5)
 
 
+def test_a_deep_copy_holds_its_own_memory():
+    """copy.deepcopy of a packed weight (and so of a model on the kernel) multiplies from its own tensors: the
+    original may be freed."""
+    import copy
+    import gc
+
+    weight = sparse_weight(9, 33, 0.6)
+    for values in (None, "int8"):
+        p = kernels.pack(weight, values)
+        q = copy.deepcopy(p)
+        assert q.values.data_ptr() != p.values.data_ptr() and q._args[1] == q.values.data_ptr()
+        assert all(a != b for a, b in zip(q._args[:4:3], p._args[:4:3], strict=True))
+        want = kernels.spmm(torch.ones(1, 33), p)
+        del p
+        gc.collect()
+        assert torch.equal(kernels.spmm(torch.ones(1, 33), q), want)
+
+
 # ------------------------------------------------------------------------------ every weight stored (dense)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])
