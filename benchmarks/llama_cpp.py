@@ -77,6 +77,20 @@ def llama_perplexity(tool: str, gguf: Path, text: Path, threads: int) -> float |
     return None
 
 
+def our_head(choice: str, folder: Path) -> str:
+    """The LM head for one of our folders: ``choice``, or for ``auto`` int8 rows when the folder's packed linears
+    hold int8 values and the kernel as stored otherwise."""
+    if choice != "auto":
+        return choice
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.sparse*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            if any(f.get_slice(k).get_dtype() == "I8" for k in f.keys()):
+                return "int8"
+    return "kernel"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -91,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--head",
+        choices=("auto", "kernel", "int8", "torch"),
+        default="auto",
+        help="our LM head: on the kernel as stored, as int8 rows, or left to torch; auto: int8 for a folder of "
+        "int8 values, the kernel otherwise (the fastest of each, as `secateurs bench --head` measures them)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     tool = find_tool(args.llama_bench, "llama-bench", "LLAMA_BENCH")
@@ -114,12 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         from secateurs.runtime import bench
 
         label, _, path = spec.partition("=")
+        head = our_head(args.head, Path(path))
         r = bench.benchmark(
-            path, threads=args.threads, prompt_len=args.prompt, tokens=args.tokens, repeat=args.repeat, micro=False
+            path,
+            threads=args.threads,
+            prompt_len=args.prompt,
+            tokens=args.tokens,
+            repeat=args.repeat,
+            micro=False,
+            head=None if head == "torch" else head,
         )
         row = {
             "engine": "secateurs",
             "model": label,
+            "head": head,
             "decode_tokens_per_s": r["sparse"]["decode_tokens_per_s"],
             "prefill_tokens_per_s": r["sparse"]["prefill_tokens_per_s"],
             "dense_pytorch_decode_tokens_per_s": r["dense"]["decode_tokens_per_s"],

@@ -47,3 +47,21 @@ def test_reads_llama_bench_json(tmp_path, capsys):
     assert row["decode_tokens_per_s"] == 94.7 and row["prefill_tokens_per_s"] == 674.0
     assert row["engine"] == "llama.cpp" and row["model"] == "Q8_0"
     assert "llama.cpp" in capsys.readouterr().out
+
+
+def test_our_head_follows_the_stored_values(tmp_path):
+    """auto: int8 rows for a folder whose packed linears hold int8 codes, the kernel as stored otherwise; an
+    explicit choice wins."""
+    import torch
+    from safetensors.torch import save_file
+
+    script = load_script()
+    int8_dir, float_dir = tmp_path / "i8", tmp_path / "f32"
+    int8_dir.mkdir()
+    float_dir.mkdir()
+    codes = {"a.values": torch.ones(3, dtype=torch.int8), "a.scales": torch.ones(1)}
+    save_file(codes, int8_dir / "model.sparse.safetensors")
+    save_file({"a.values": torch.ones(3)}, float_dir / "model.sparse.safetensors")
+    assert script.our_head("auto", int8_dir) == "int8"
+    assert script.our_head("auto", float_dir) == "kernel"
+    assert script.our_head("torch", int8_dir) == "torch"

@@ -164,7 +164,7 @@ void single_token(const Problem& p, int64_t r0, int64_t r1) {
             const uint32_t byte = mrow[c];  // (a dense row's mask bits are all set)
             const __m256 w = expand8<VT>(p.values, pos, byte);
             pos += __builtin_popcount(byte);
-            acc[c & 3] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c * 8), acc[c & 3]);
+            acc[0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c * 8), acc[0]);
         }
         if (rem) {  // x read with a lane mask (vmaskmovps does not touch masked-off memory)
             const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

@@ -177,7 +177,7 @@ void single_token(const Problem& p, int64_t r0, int64_t r1) {
             const uint32_t bits = bits16(mrow + 2 * c);  // (a dense row's mask bits are all set)
             const __m512 w = expand16<VT>(p.values, pos, static_cast<__mmask16>(bits));
             pos += __builtin_popcount(bits);
-            acc[c & 3] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + c * 16), acc[c & 3]);
+            acc[0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + c * 16), acc[0]);
         }
         if (rem) {  // the last byte or two of the row; x read with a lane mask so nothing past the row is touched
             const __mmask16 xmask = static_cast<__mmask16>((1u << rem) - 1);

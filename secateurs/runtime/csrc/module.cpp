@@ -281,9 +281,13 @@ struct Scratch {
 };
 thread_local Scratch t_scratch;
 
+// n floats of v, starting on a 64-byte boundary: the kernels load x in whole 64-byte vectors, and one that
+// straddles two cache lines costs two accesses (a bf16 model's widened activations were almost all such loads).
 float* scratch(std::vector<float>& v, size_t n) {
-    if (v.size() < n) v.resize(n);
-    return v.data();
+    constexpr size_t kAlign = 64 / sizeof(float);
+    if (v.size() < n + kAlign) v.resize(n + kAlign);
+    const auto address = reinterpret_cast<uintptr_t>(v.data());
+    return v.data() + ((64 - address % 64) % 64) / sizeof(float);
 }
 
 // ------------------------------------------------------------------------------------------- Python
