@@ -1,6 +1,7 @@
 """Sparse inference on CPU: pruned weights kept compressed in memory and multiplied with directly."""
 
 from secateurs.runtime.activation import sparsify_activations
+from secateurs.runtime.decode import LeanDecoder
 from secateurs.runtime.kernels import (
     PackedWeight,
     from_parts,
@@ -23,6 +24,7 @@ from secateurs.runtime.linear import (  # noqa: F401 (public names)
 )
 
 __all__ = [
+    "LeanDecoder",
     "PackedWeight",
     "from_parts",
     "isa",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import logging
 import statistics
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from secateurs.models import default_device, load_model, resolve_dtype
 from secateurs.runtime import kernels, timing
 from secateurs.runtime.activation import check_sparsity, sparsify_activations
 from secateurs.runtime.cuda import to_semi_structured
+from secateurs.runtime.decode import LeanDecoder, lean_loop_seconds, why_not
 from secateurs.runtime.fused import fuse_shared_inputs
 from secateurs.runtime.linear import HEADS, SparseLinear, kernel_head, load_sparse, torch_threads
 
@@ -134,6 +136,7 @@ def benchmark(
     head: str | None = None,
     activation_sparsity=None,
     fuse: bool = True,
+    decoder: str = "auto",
 ) -> dict:
     """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc.
 
@@ -144,9 +147,14 @@ def benchmark(
     None: left to torch. ``activation_sparsity``: the sparse model
     also skips that fraction of each linear's inputs (:func:`secateurs.runtime.activation.sparsify_activations`),
     and the same sparse weights without it are measured too (``weights_only``). ``fuse``: the sparse linears
-    that share an input run as one kernel call (:func:`secateurs.runtime.fused.fuse_shared_inputs`)."""
+    that share an input run as one kernel call (:func:`secateurs.runtime.fused.fuse_shared_inputs`).
+    ``decoder``: the loop both models decode in: ``lean`` (:class:`secateurs.runtime.decode.LeanDecoder`, for
+    Llama-family models at batch 1), ``hf`` (the model's own forward with transformers' KV cache) or ``auto``
+    (lean where it runs, else hf)."""
     if tokens < 2 or prompt_len < 1 or batch < 1 or repeat < 1:
         raise SecateursError("need --tokens >= 2, --prompt-len >= 1, --batch >= 1 and --repeat >= 1")
+    if decoder not in DECODERS:
+        raise SecateursError(f"--decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise SecateursError(f"{folder} is not a model folder (no config.json)")
@@ -182,19 +190,20 @@ def benchmark(
     own_threads["dense"] = torch.get_num_threads()
     if device.type != "cpu":
         own_threads["sparse"] = own_threads["dense"]
-    for name, model in models.items():  # warm-up: first calls allocate caches and pick kernels
+    used, loops = _decode_loops(models, decoder, batch, prompt_len + tokens, device)
+    for name, loop in loops.items():  # warm-up: first calls allocate caches and pick kernels
         with torch_threads(own_threads[name]):
-            timing.decode_loop(model, ids, 2, device)
+            loop(ids, 2)
     decode = {name: [] for name in models}
     prefill = {name: [] for name in models}
     outputs = {}
-    for name, model in models.items():
+    for name, loop in loops.items():
         with torch_threads(own_threads[name]):
-            outputs[name] = timing.generate(model, ids, tokens)
+            outputs[name] = loop(ids, tokens)[1]
     for _ in range(repeat):
         for name, model in models.items():
             with torch_threads(own_threads[name]):
-                decode[name].append(timing.decode_loop(model, ids, tokens, device)[0])
+                decode[name].append(loops[name](ids, tokens)[0])
                 prefill[name].append(timing.prefill_seconds(model, ids, device))
     result = {
         "model": str(folder),
@@ -208,8 +217,10 @@ def benchmark(
         "kernel_threads": kernels.num_threads(),
         "sparse_torch_threads": own_threads["sparse"],
         "kernel_isa": kernels.isa() if device.type == "cpu" else "semi-structured 2:4",
+        "decoder": used,
         "protocol": f"batch {batch}, random prompt of {prompt_len} tokens (seed {seed}), greedy KV-cache decode "
-        f"of {tokens} tokens (the {tokens - 1} steps after the prefill timed); prefill = one forward pass; "
+        f"of {tokens} tokens in the {used} loop (the {tokens - 1} steps after the prefill timed); "
+        "prefill = one forward pass; "
         f"median of {repeat}, dense and sparse interleaved"
         + (
             f"; sparse = weights + activation sparsity {activation_sparsity}, weights_only = the same weights without"
@@ -269,6 +280,42 @@ def _cpu_line(r: dict) -> str:
     return f"cpu: {cpu.get('model')} ({cpu.get('cpus')} CPUs; {caches or 'caches unknown'})" + (
         f"; a decode step's weights vs the last-level cache: {said}" if said else ""
     )
+
+
+DECODERS = ("auto", "lean", "hf")
+
+
+class _Lean:
+    """A model's decode loop through :class:`~secateurs.runtime.decode.LeanDecoder` (same result shape as
+    :func:`secateurs.runtime.timing.decode_loop`)."""
+
+    def __init__(self, model, max_len: int):
+        self.decoder = LeanDecoder(model, max_len=max_len)
+
+    def __call__(self, ids, tokens):
+        return lean_loop_seconds(self.decoder, ids, tokens)
+
+
+def _decode_loops(models: dict, decoder: str, batch: int, max_len: int, device) -> tuple[str, dict]:
+    """(the loop used, "lean" or "hf"; name -> callable(ids, tokens) -> (seconds of the steps, new tokens)): the
+    same loop for every model."""
+    if batch > 1:
+        reason = "it decodes one sequence, not a batch"
+    elif torch.device(device).type != "cpu":
+        reason = "it runs on the CPU here"
+    else:
+        reason = next(filter(None, (why_not(m) for m in models.values())), None)
+    if decoder == "lean" and reason:
+        raise SecateursError(f"--decoder lean: {reason}")
+    if decoder == "hf" or reason:
+        if decoder == "auto":
+            log.info("decode loop: transformers' forward (%s)", reason)
+        return "hf", {name: partial(_hf_loop, model, device=device) for name, model in models.items()}
+    return "lean", {name: _Lean(model, max_len) for name, model in models.items()}
+
+
+def _hf_loop(model, ids, tokens, device):
+    return timing.decode_loop(model, ids, tokens, device)
 
 
 def format_table(r: dict) -> str:
@@ -369,6 +416,13 @@ def add_parser(subparsers, name: str) -> None:
     )
     p.add_argument("--no-micro", action="store_true", help="skip the per-shape microbenchmarks")
     p.add_argument(
+        "--decoder",
+        choices=DECODERS,
+        default="auto",
+        help="decode loop of both models: lean (a Llama-family loop with about half of transformers' operator "
+        "calls; batch 1), hf (the model's own forward), auto (lean where it runs; default)",
+    )
+    p.add_argument(
         "--sparse-torch-threads",
         type=int,
         default=1,
@@ -411,6 +465,7 @@ def _run(args) -> dict:
         head=_head_choice(args.head, args.device),
         activation_sparsity=args.activation_sparsity,
         fuse=not args.no_fuse,
+        decoder=args.decoder,
     )
     if not args.json:
         print(format_table(result))

@@ -87,10 +87,11 @@ def _wrap_bench_helper(monkeypatch, name, make_wrapper):
             monkeypatch.setattr(m, name, wrapper)
 
 
-def test_bench_decodes_on_the_kernel_and_matches_the_pruned_model(sparse_tiny_dir, monkeypatch):
-    """During the benchmark's decode the sparse model calls the kernel once per packed linear per forward, once
-    for each group of linears sharing an input (the dense one never), and both produce the greedy tokens of the
-    pruned model, decoded here by hand."""
+@pytest.mark.parametrize("decoder", ["hf", "lean"])
+def test_bench_decodes_on_the_kernel_and_matches_the_pruned_model(sparse_tiny_dir, monkeypatch, decoder):
+    """During the benchmark's decode, in either loop, the sparse model calls the kernel once per packed linear per
+    forward, once for each group of linears sharing an input (the dense one never), and both produce the greedy
+    tokens of the pruned model, decoded here by hand."""
     folder, pruned = sparse_tiny_dir
     calls = {"spmm": 0}
     real_spmm = kernels.spmm
@@ -106,42 +107,40 @@ def test_bench_decodes_on_the_kernel_and_matches_the_pruned_model(sparse_tiny_di
         linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
         return sum(m.shared is None for m in linears) + len({id(m.shared[0]) for m in linears if m.shared})
 
-    decodes, generated = [], []
+    decodes = []
+    real_loops = bench._decode_loops
 
-    def watch_decode(real):
-        def decode_loop(model, ids, tokens, device=None):
-            before = calls["spmm"]
-            seconds, new = real(model, ids, tokens, device)
-            decodes.append(
-                {
-                    "packed": packed(model),
-                    "calls": calls_per_forward(model),
-                    "tokens": tokens,
-                    "spmm": calls["spmm"] - before,
-                    "new": new,
-                }
-            )
-            decodes[-1]["ids"] = ids
-            return seconds, new
+    def watched_loops(models, *args):
+        used, loops = real_loops(models, *args)
 
-        return decode_loop
+        def watch(model, loop):
+            def run(ids, tokens):
+                before = calls["spmm"]
+                seconds, new = loop(ids, tokens)
+                decodes.append(
+                    {
+                        "packed": packed(model),
+                        "calls": calls_per_forward(model),
+                        "tokens": tokens,
+                        "spmm": calls["spmm"] - before,
+                        "new": new,
+                        "ids": ids,
+                    }
+                )
+                return seconds, new
 
-    def watch_generate(real):
-        def generate(model, ids, new_tokens):
-            new = real(model, ids, new_tokens)
-            generated.append((packed(model), ids, new))
-            return new
+            return run
 
-        return generate
+        return used, {name: watch(models[name], loop) for name, loop in loops.items()}
 
     monkeypatch.setattr(kernels, "spmm", counting_spmm)  # SparseLinear.forward calls kernels.spmm
-    _wrap_bench_helper(monkeypatch, "decode_loop", watch_decode)
-    _wrap_bench_helper(monkeypatch, "generate", watch_generate)
-    result = bench.benchmark(folder, tokens=4, prompt_len=5, repeat=2, threads=1, micro=False)
+    monkeypatch.setattr(bench, "_decode_loops", watched_loops)
+    result = bench.benchmark(folder, tokens=4, prompt_len=5, repeat=2, threads=1, micro=False, decoder=decoder)
     assert result["same_tokens"] is True and result["conversion"]["converted"] == 21
+    assert result["decoder"] == decoder and f"in the {decoder} loop" in result["protocol"]
     sparse_runs = [d for d in decodes if d["packed"]]
     dense_runs = [d for d in decodes if not d["packed"]]
-    assert len(sparse_runs) == len(dense_runs) == 1 + 2  # warm-up, then the repeats
+    assert len(sparse_runs) == len(dense_runs) == 1 + 1 + 2  # warm-up, the tokens compared, then the repeats
     assert all(d["packed"] == 21 for d in sparse_runs)  # every pruned linear is packed in the sparse model
     for d in sparse_runs:  # a forward per new token (the prefill, then tokens - 1 steps), every packed linear
         assert d["calls"] == 21 - 3 * (2 + 1)  # per layer q/k/v one call, gate/up one call
@@ -149,10 +148,8 @@ def test_bench_decodes_on_the_kernel_and_matches_the_pruned_model(sparse_tiny_di
     assert all(d["spmm"] == 0 for d in dense_runs)
     ids = decodes[0]["ids"]
     want = _own_greedy(pruned, ids, 4, pruned.config.eos_token_id)
-    assert sorted(p > 0 for p, _, _ in generated) == [False, True]  # dense and sparse each generated once
-    for _, gen_ids, new in generated:
-        assert torch.equal(gen_ids, ids) and torch.equal(new, want)
     for d in decodes:
+        assert torch.equal(d["ids"], ids)
         if d["tokens"] == 4:
             assert torch.equal(d["new"], want)
 
