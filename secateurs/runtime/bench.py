@@ -285,17 +285,6 @@ def _cpu_line(r: dict) -> str:
 DECODERS = ("auto", "lean", "hf")
 
 
-class _Lean:
-    """A model's decode loop through :class:`~secateurs.runtime.decode.LeanDecoder` (same result shape as
-    :func:`secateurs.runtime.timing.decode_loop`)."""
-
-    def __init__(self, model, max_len: int):
-        self.decoder = LeanDecoder(model, max_len=max_len)
-
-    def __call__(self, ids, tokens):
-        return lean_loop_seconds(self.decoder, ids, tokens)
-
-
 def _decode_loops(models: dict, decoder: str, batch: int, max_len: int, device) -> tuple[str, dict]:
     """(the loop used, "lean" or "hf"; name -> callable(ids, tokens) -> (seconds of the steps, new tokens)): the
     same loop for every model."""
@@ -310,12 +299,8 @@ def _decode_loops(models: dict, decoder: str, batch: int, max_len: int, device) 
     if decoder == "hf" or reason:
         if decoder == "auto":
             log.info("decode loop: transformers' forward (%s)", reason)
-        return "hf", {name: partial(_hf_loop, model, device=device) for name, model in models.items()}
-    return "lean", {name: _Lean(model, max_len) for name, model in models.items()}
-
-
-def _hf_loop(model, ids, tokens, device):
-    return timing.decode_loop(model, ids, tokens, device)
+        return "hf", {name: partial(timing.decode_loop, model, device=device) for name, model in models.items()}
+    return "lean", {name: partial(lean_loop_seconds, LeanDecoder(model, max_len)) for name, model in models.items()}
 
 
 def format_table(r: dict) -> str:

@@ -17,6 +17,8 @@ or with an activation other than SiLU is refused with one line saying why (:func
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,7 +74,6 @@ class LeanDecoder:
         reason = why_not(model)
         if reason:
             raise SecateursError(reason)
-        self.model = model
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens
@@ -103,8 +104,9 @@ class LeanDecoder:
                     scaling,
                 )
             )
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.gqa = heads != self.kv_heads
         self.cache = None
         self.length = 0
 
@@ -141,19 +143,16 @@ class LeanDecoder:
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise SecateursError(f"the lean decoder runs one sequence ([1, T] token ids), got {tuple(ids.shape)}")
         T = ids.shape[1]
-        start = self.length
-        if start + T > self.max_len:
+        start, end, causal = self.length, self.length + T, T > 1
+        if causal and start > 0:
+            raise SecateursError("the lean decoder takes the prompt in one piece, then one token at a time")
+        if end > self.max_len:
             what = "its sliding window" if self.window is not None and self.max_len == self.window else "max_len"
-            raise SecateursError(f"{start + T} tokens exceed the lean decoder's {self.max_len} ({what})")
+            raise SecateursError(f"{end} tokens exceed the lean decoder's {self.max_len} ({what})")
         h = self.embed(ids)
         if self.cache is None:
             self._allocate(h.dtype, h.device)
-        positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0)
-        cos, ssin = self._rope(h, positions)
-        end = start + T
-        causal = T > 1
-        if causal and start > 0:
-            raise SecateursError("the lean decoder takes the prompt in one piece, then one token at a time")
+        cos, ssin = self._rope(h, torch.arange(start, end, device=ids.device).unsqueeze(0))
         for (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down, d, scaling), (kc, vc) in zip(
             self.layers, self.cache, strict=True
         ):
@@ -166,9 +165,8 @@ class LeanDecoder:
             q, k = self._rotate(q, cos, ssin), self._rotate(k, cos, ssin)
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v
-            gqa = self.heads != self.kv_heads
             a = F.scaled_dot_product_attention(
-                q, kc[:, :, :end], vc[:, :, :end], is_causal=causal, scale=scaling, enable_gqa=gqa
+                q, kc[:, :, :end], vc[:, :, :end], is_causal=causal, scale=scaling, enable_gqa=self.gqa
             )
             a = a.view(1, 1, -1) if T == 1 else a.transpose(1, 2).reshape(1, T, -1)  # [1, heads, 1, d] in order
             h = h + o_proj(a)
@@ -194,24 +192,16 @@ class LeanDecoder:
         """One more token ([1, 1]); the logits after it."""
         return self._forward(token)
 
-    @torch.inference_mode()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Exactly ``new_tokens`` greedy tokens after ``ids`` [1, T] (the new ones only, [1, new_tokens])."""
         if new_tokens < 1:
             raise SecateursError(f"new_tokens must be at least 1, got {new_tokens}")
-        token = self.prefill(ids).argmax(-1, keepdim=True)
-        out = [token]
-        for _ in range(new_tokens - 1):
-            token = self.step(token).argmax(-1, keepdim=True)
-            out.append(token)
-        return torch.cat(out, 1)
+        return lean_loop_seconds(self, ids, new_tokens)[1]
 
 
 def lean_loop_seconds(decoder: LeanDecoder, ids: torch.Tensor, tokens: int) -> tuple[float, torch.Tensor]:
-    """As :func:`secateurs.runtime.timing.decode_loop`, through ``decoder``: (seconds of the ``tokens - 1`` steps
-    after the prefill, the ``tokens`` new tokens)."""
-    import time
-
+    """Greedy decoding through ``decoder``, as :func:`secateurs.runtime.timing.decode_loop` does it: (seconds of the
+    ``tokens - 1`` steps after the prefill, the ``tokens`` new tokens [1, tokens])."""
     with torch.inference_mode():
         token = decoder.prefill(ids).argmax(-1, keepdim=True)
         new = [token]
