@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens=args.tokens,
             repeat=args.repeat,
             micro=False,
-            head=None if head == "torch" else head,
+            head=head,
         )
         row = {
             "engine": "secateurs",

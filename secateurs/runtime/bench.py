@@ -133,7 +133,7 @@ def benchmark(
     seed: int = 0,
     sparse_torch_threads: int | None = 1,
     dense_dtype: str | torch.dtype | None = None,
-    head: str | None = None,
+    head: str | None = "auto",
     activation_sparsity=None,
     fuse: bool = True,
     decoder: str = "auto",
@@ -144,7 +144,8 @@ def benchmark(
     when the sparse folder holds int8 values, whose sparse model then runs bfloat16 activations too unless
     ``dtype`` says otherwise). ``head="kernel"``: the sparse model's LM head on the kernel's threads as it is;
     ``"int8"``: as int8 rows (and a tied plain embedding too), see :func:`secateurs.runtime.linear.kernel_head`;
-    None: left to torch. ``activation_sparsity``: the sparse model
+    ``"torch"`` (or None): left to torch; ``"auto"`` (default): the kernel on the CPU, torch on cuda, as the
+    command line does. ``activation_sparsity``: the sparse model
     also skips that fraction of each linear's inputs (:func:`secateurs.runtime.activation.sparsify_activations`),
     and the same sparse weights without it are measured too (``weights_only``). ``fuse``: the sparse linears
     that share an input run as one kernel call (:func:`secateurs.runtime.fused.fuse_shared_inputs`).
@@ -159,6 +160,7 @@ def benchmark(
     if not (folder / "config.json").is_file():
         raise SecateursError(f"{folder} is not a model folder (no config.json)")
     device = default_device(device)
+    head = head_choice(head, device)
     if head is not None and device.type != "cpu":
         raise SecateursError(f"--head {head} runs on the CPU kernel: use --device cpu")
     if activation_sparsity is not None:
@@ -385,11 +387,11 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--min-sparsity", type=float, default=None, help="linears less sparse than this stay dense")
     p.add_argument(
         "--head",
-        choices=[*HEADS, "torch"],
-        default=None,
-        help="the sparse model's LM head: on the kernel's threads as it is (kernel, the default: torch runs on one "
-        "thread while the sparse model decodes), as int8 rows there (int8, a tied embedding too), or left to torch "
-        "(torch; the default on cuda)",
+        choices=["auto", *HEADS, "torch"],
+        default="auto",
+        help="the sparse model's LM head: on the kernel's threads as it is (kernel: torch runs on one thread while "
+        "the sparse model decodes), as int8 rows there (int8, a tied embedding too), or left to torch (torch); "
+        "auto (default): kernel on the CPU, torch on cuda",
     )
     p.add_argument(
         "--activation-sparsity",
@@ -426,10 +428,14 @@ def add_parser(subparsers, name: str) -> None:
     p.set_defaults(run=_run)
 
 
-def _head_choice(head: str | None, device: str) -> str | None:
-    """--head as the benchmark takes it: the kernel by default on the CPU, torch (None) on cuda."""
-    if head is None:
+def head_choice(head: str | None, device) -> str | None:
+    """The sparse model's head as the benchmark runs it: ``"kernel"`` or ``"int8"``, or None for torch.
+
+    ``"auto"`` is the kernel on the CPU and torch on cuda; ``"torch"`` and None are torch."""
+    if head == "auto":
         head = "torch" if str(device).startswith("cuda") else "kernel"
+    if head not in (None, "torch", *HEADS):
+        raise SecateursError(f"head must be one of auto, {', '.join(HEADS)} or torch, not {head!r}")
     return None if head == "torch" else head
 
 
@@ -447,7 +453,7 @@ def _run(args) -> dict:
         micro=not args.no_micro,
         sparse_torch_threads=args.sparse_torch_threads,
         dense_dtype=args.dense_dtype,
-        head=_head_choice(args.head, args.device),
+        head=args.head,
         activation_sparsity=args.activation_sparsity,
         fuse=not args.no_fuse,
         decoder=args.decoder,

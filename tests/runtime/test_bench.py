@@ -12,6 +12,7 @@ from conftest import run_main
 
 import secateurs
 from secateurs.checkpoint import save_sparse
+from secateurs.errors import SecateursError
 from secateurs.runtime import bench, kernels
 from secateurs.runtime.linear import SparseLinear
 
@@ -135,7 +136,8 @@ def test_bench_decodes_on_the_kernel_and_matches_the_pruned_model(sparse_tiny_di
 
     monkeypatch.setattr(kernels, "spmm", counting_spmm)  # SparseLinear.forward calls kernels.spmm
     monkeypatch.setattr(bench, "_decode_loops", watched_loops)
-    result = bench.benchmark(folder, tokens=4, prompt_len=5, repeat=2, threads=1, micro=False, decoder=decoder)
+    settings = dict(tokens=4, prompt_len=5, repeat=2, threads=1, micro=False, decoder=decoder)
+    result = bench.benchmark(folder, head="torch", **settings)  # the pruned linears alone on the kernel
     assert result["same_tokens"] is True and result["conversion"]["converted"] == 21
     assert result["decoder"] == decoder and f"in the {decoder} loop" in result["protocol"]
     sparse_runs = [d for d in decodes if d["packed"]]
@@ -193,3 +195,20 @@ def test_bench_of_int8_values_compares_with_dense_bf16(sparse_tiny_dir, tmp_path
     code, out, err = run_main("bench", tmp_path / "i8", *args, "--json", "--dense-dtype", "float32")
     assert code == 0, err
     assert json.loads(out)["dense_dtype"] == "float32"
+
+
+def test_head_choice_is_the_same_for_the_api_and_the_command_line():
+    from secateurs.runtime.bench import head_choice
+
+    assert head_choice("auto", "cpu") == "kernel" and head_choice("auto", "cuda:0") is None
+    assert head_choice("torch", "cpu") is None and head_choice(None, "cpu") is None
+    assert head_choice("int8", "cpu") == "int8" and head_choice("kernel", "cpu") == "kernel"
+    with pytest.raises(SecateursError, match="head must be one of"):
+        head_choice("fast", "cpu")
+
+
+def test_bench_api_puts_the_head_on_the_kernel_by_default(sparse_tiny_dir):
+    folder, _ = sparse_tiny_dir
+    settings = dict(tokens=3, prompt_len=4, repeat=1, threads=1, micro=False)
+    assert secateurs.runtime.bench.benchmark(folder, **settings)["sparse_head"] == "kernel"
+    assert secateurs.runtime.bench.benchmark(folder, head="torch", **settings)["sparse_head"] == "as stored"
