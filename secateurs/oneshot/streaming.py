@@ -11,9 +11,10 @@ Hugging Face folder (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.
 :func:`secateurs.checkpoint.save_sparse` packs them; see :mod:`secateurs.format.sparse`). :class:`Shards` reads
 either kind of folder, so the output's perplexity is measured from it layer by layer too.
 
-Streaming reads checkpoints whose tensor names are the model's own (what ``save_pretrained`` writes for
-LLaMA-style models); a checkpoint that transformers renames or fuses on loading is refused with the first name
-that does not match (load it in memory instead).
+A checkpoint that transformers renames or fuses on loading (an MoE block's experts, stored expert by expert and
+fused into 3-D parameters) is read through transformers' own conversion mapping, one layer's tensors at a time, and
+written back under the names and layout ``save_pretrained`` writes (:mod:`secateurs.oneshot.conversion`). A model
+tensor that neither its own name nor that mapping finds in the checkpoint is refused, naming it, before any work.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from secateurs.format.sparse import (
 )
 from secateurs.measure import give_back_memory
 from secateurs.models import find_layers
+from secateurs.oneshot.conversion import checkpoint_tensors, converted
 from secateurs.packing import collect
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,24 @@ class Shards:
         except (SafetensorError, OSError) as exc:
             raise SecateursError(f"cannot read {name} from {file}: {exc}") from None
 
+    def shapes(self, names: list[str]) -> dict[str, tuple[int, ...]]:
+        """The shapes of the tensors ``names``, from the file headers (none of their data read)."""
+        out, by_file = {}, {}
+        for name in names:
+            entry = self.packed.get(name)
+            if entry is not None:  # a packed weight: the matrix its metadata describes, as read_packed gives it
+                shape = entry.get("view") or (entry["shape"][::-1] if entry.get("transposed") else entry["shape"])
+                out[name] = tuple(shape)
+            else:
+                by_file.setdefault(self.location[name], []).append(name)
+        for file, keys in by_file.items():
+            try:
+                with safe_open(str(self.folder / file), framework="pt") as f:
+                    out.update({key: tuple(f.get_slice(key).get_shape()) for key in keys})
+            except (SafetensorError, OSError) as exc:
+                raise SecateursError(f"cannot read {', '.join(keys[:2])} from {file}: {exc}") from None
+        return out
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names`` (copies in memory), each file opened once and closed again."""
         by_file: dict[str, list[str]] = {}
@@ -179,14 +199,17 @@ def open_streamed(folder: str | Path, dtype="auto") -> tuple[nn.Module, object, 
         from secateurs.oneshot.gguf import GGUFShards
 
         shards = GGUFShards(folder, model)
+    else:  # the checkpoint's names as from_pretrained maps them (renamed, experts fused)
+        shards = converted(shards, model)
     layers_name, _ = find_layers(model)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     for name in tensor_names(model):
         if name not in shards.location and name not in tied:
             sample = next(iter(shards.location), "nothing")
             raise SecateursError(
-                f"{folder}: the checkpoint has no tensor {name} (it names tensors like {sample}); streaming needs "
-                "the model's own tensor names: prune it in memory (without --low-memory)"
+                f"{folder}: the checkpoint has no tensor {name} (it names tensors like {sample}), neither under that "
+                "name nor through transformers' conversion mapping for the model: prune it in memory (without "
+                "--low-memory)"
             )
     load_outside(model, shards, dtype)
     for name, tensor in model.state_dict().items():
@@ -256,6 +279,7 @@ class Streamed:
         self.save_format, self.min_sparsity = save_format, min_sparsity
         self.sizes: dict[str, int] = {}  # sparse output: save_sparse's byte counts, summed over the shards
         self.packed_linears, self.dense_linears = 0, []
+        self.fused_dense: list[str] = []  # fused MoE expert parameters, written dense as save_sparse writes them
         self.model, self.shards = model, shards
         self.folder = Path(folder) if folder is not None else None
         self.write = write and self.folder is not None
@@ -340,7 +364,8 @@ class Streamed:
             if self.sparse:
                 self._write_sparse_layer(layer, prefix, name)
             else:
-                tensors = {prefix + n: t.detach().to("cpu").contiguous() for n, t in layer.state_dict().items()}
+                tensors = {prefix + n: t.detach().to("cpu") for n, t in layer.state_dict().items()}
+                tensors = checkpoint_tensors(self.model, tensors)  # as save_pretrained names and lays them out
                 save_file(tensors, str(self.folder / name), metadata={"format": "pt"})
                 self.weight_map.update(dict.fromkeys(tensors, name))
                 self.written += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -349,11 +374,15 @@ class Streamed:
 
     def _write_sparse_layer(self, layer: nn.Module, prefix: str, name: str) -> None:
         """One layer as a sparse shard: its linears packed by the rules of the in-memory save (only when smaller,
-        float32/bfloat16 only, shared weights whole), the rest dense, tied tensors once."""
+        float32/bfloat16 only, shared weights whole), the rest dense, tied tensors once. The experts of a fused MoE
+        module are views of its 3-D parameters while the walk runs: the parameters are written (dense), not them."""
         from secateurs.models import find_linears
+        from secateurs.oneshot.moe import ExpertLinear, fused_parameters
 
         values = "int8" if self.save_format == "sparse-int8" else None
-        tensors, aliases, sizes, dense_linears = collect(layer, self.min_sparsity, False, find_linears(layer), values)
+        linears = {n: m for n, m in find_linears(layer).items() if not isinstance(m, ExpertLinear)}
+        self.fused_dense += [prefix + n for n in fused_parameters(layer)]
+        tensors, aliases, sizes, dense_linears = collect(layer, self.min_sparsity, False, linears, values)
         for field, n in sizes.items():
             self.sizes[field] = self.sizes.get(field, 0) + n
         self.packed_linears += sum(isinstance(t, PackedTensor) for t in tensors.values())
@@ -389,6 +418,13 @@ class Streamed:
             seen[key] = name
             rest[name] = tensor.detach().to("cpu").contiguous()
         name = self.shard_name(self.total)
+        if self.sparse and self.fused_dense:
+            log.warning(
+                "%d fused MoE expert tensors (%s, ...) are stored dense: the sparse format packs 2-D linear weights "
+                "only, so their zeros are kept but not compacted",
+                len(self.fused_dense),
+                self.fused_dense[0],
+            )
         if self.sparse:  # dense, tied names as aliases of the tensor they share
             rest_bytes = sum(t.numel() * t.element_size() for t in rest.values())
             self.sizes["dense_weights_bytes"] = self.sizes.get("dense_weights_bytes", 0) + rest_bytes
@@ -396,6 +432,7 @@ class Streamed:
             self.weight_map.update(dict.fromkeys([*rest, *aliases], name))
             write_index(self.folder, self.weight_map, self.dtype)
             return
+        rest = checkpoint_tensors(self.model, rest)
         save_file(rest, str(self.folder / name), metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(rest, name))
         self.written += sum(t.numel() * t.element_size() for t in rest.values())
