@@ -1,6 +1,6 @@
 """secateurs: prune Hugging Face causal language models and measure what it cost."""
 
-from secateurs.api import evaluate, evaluate_streamed, prune
+from secateurs.api import evaluate, evaluate_streamed, prune, zero_shot_streamed
 from secateurs.checkpoint import compress, load_masks, load_pruned, save_sparse
 from secateurs.data.calibration import Calibration
 from secateurs.errors import SecateursError
@@ -57,5 +57,6 @@ __all__ = [
     "sparsify_activations",
     "to_sparse_linears",
     "zero_shot",
+    "zero_shot_streamed",
 ]
 __version__ = "0.1.0"

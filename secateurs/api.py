@@ -1,4 +1,6 @@
-"""The public verbs: ``prune`` a model you hold (:mod:`secateurs.oneshot.prune`), ``evaluate`` its perplexity."""
+"""The public verbs: ``prune`` a model you hold (:mod:`secateurs.oneshot.prune`), ``evaluate`` its perplexity; for a
+folder too big to load, ``evaluate_streamed`` and ``zero_shot_streamed`` (accuracy on lm-eval tasks), one decoder
+layer at a time."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from secateurs.evaluate import PerplexityResult, perplexity, wants_bos
 from secateurs.evaluate.perplexity import eval_windows
 from secateurs.models import check_seqlen, default_device
 from secateurs.oneshot.prune import prune
+from secateurs.oneshot.streamed_zeroshot import zero_shot_streamed
 
-__all__ = ["default_eval_windows", "evaluate", "evaluate_streamed", "prune"]
+__all__ = ["default_eval_windows", "evaluate", "evaluate_streamed", "prune", "zero_shot_streamed"]
 
 LOCAL_EVAL_WINDOWS = 40  # default cap for bundled and local text, so the embedded default runs in minutes
 C4_EVAL_WINDOWS = 256  # the SparseGPT protocol for C4

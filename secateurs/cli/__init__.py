@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--low-memory",
         action="store_true",
-        help="read the model one decoder layer at a time from its safetensors shards, or a sparse folder's "
-        "(perplexity only): a model bigger than memory gets the same figure",
+        help="read the model one decoder layer at a time from its safetensors shards, or a sparse folder's: a "
+        "model bigger than memory gets the same perplexity and, with --tasks (log-likelihood and multiple-choice "
+        "tasks), the same accuracy",
     )
     add_common(p)
 
@@ -189,20 +190,27 @@ def _evaluate(model, tokenizer, args, label: str, streamed_from=None):
     return result
 
 
-def _zero_shot(model, tokenizer, args, label: str):
+def _zero_shot(model, tokenizer, args, label: str, streamed_from=None):
+    """Accuracy of ``model``, or (``streamed_from``) of the folder's model read one decoder layer at a time."""
     from secateurs.evaluate.zeroshot import zero_shot
+    from secateurs.oneshot.streamed_zeroshot import zero_shot_streamed
 
-    result = zero_shot(
-        model,
-        tokenizer,
-        args.tasks,
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
+    settings = dict(limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, progress=not args.quiet)
+    if streamed_from is not None:
+        result = zero_shot_streamed(streamed_from, args.tasks, dtype=args.dtype, device=args.device, **settings)
+    else:
+        result = zero_shot(model, tokenizer, args.tasks, **settings)
     log.info("%s accuracy in %.1f s  [%s]\n%s", label, result.seconds, result.protocol, result.table())
     return result
+
+
+def _check_tasks(args, streamed: bool) -> list[str]:
+    """The task names, checked before any work (for a streamed model: tasks it can score, a fixed batch size)."""
+    if streamed:
+        from secateurs.oneshot.streamed_zeroshot import check_options
+
+        check_options(args.limit, args.num_fewshot, args.batch_size)
+    return check_tasks(args.tasks, streamed=streamed)
 
 
 def _streamed_folder(args):
@@ -273,9 +281,6 @@ def cmd_prune(args) -> dict:
     if streamed is not None:
         if output is None:
             raise SecateursError("a streamed prune writes each layer as it goes: it needs --output")
-        if args.tasks:
-            log.warning("zero-shot tasks are not run on a streamed model: run `secateurs eval --tasks` on the output")
-            args.tasks = None
     do_eval = args.eval and args.eval.lower() != "none"
     # fail on a bad source now, not after minutes of work
     if recipe.needs_calibration:
@@ -283,7 +288,7 @@ def cmd_prune(args) -> dict:
     if do_eval:
         data.describe_source(args.eval)
     if args.tasks:
-        args.tasks = check_tasks(args.tasks)
+        args.tasks = _check_tasks(args, streamed is not None)
     if isinstance(recipe.allocation, Table):
         recipe.allocation.check_file()
 
@@ -310,7 +315,9 @@ def cmd_prune(args) -> dict:
         calibration.windows(tokenizer)
 
     dense = _evaluate(model, tokenizer, args, "dense ", streamed) if do_eval and not args.no_dense_eval else None
-    dense_acc = _zero_shot(model, tokenizer, args, "dense ") if args.tasks and not args.no_dense_eval else None
+    dense_acc = (
+        _zero_shot(model, tokenizer, args, "dense ", streamed) if args.tasks and not args.no_dense_eval else None
+    )
     log.info(
         "pruning: %s, %s, calibration %s (%d x %d tokens, seed %d)",
         recipe.label,
@@ -345,9 +352,10 @@ def cmd_prune(args) -> dict:
         if streamed is not None:  # the pruned model is read back from the output, layer by layer
             writing.save(report.masks)  # packed: 1 bit per weight in memory too
             pruned = _evaluate(None, None, args, "pruned", writing.folder) if do_eval else None
+            pruned_acc = _zero_shot(None, None, args, "pruned", writing.folder) if args.tasks else None
         else:
             pruned = _evaluate(model, tokenizer, args, "pruned") if do_eval else None
-        pruned_acc = _zero_shot(model, tokenizer, args, "pruned") if args.tasks else None
+            pruned_acc = _zero_shot(model, tokenizer, args, "pruned") if args.tasks else None
 
         out = {
             "model": model_desc,
@@ -406,7 +414,7 @@ def cmd_eval(args) -> dict:
     if do_eval:
         data.describe_source(args.eval)
     if args.tasks:
-        args.tasks = check_tasks(args.tasks)
+        args.tasks = _check_tasks(args, args.low_memory)
     if args.activation_sparsity is not None:
         from secateurs.runtime.activation import check_sparsity
 
@@ -419,13 +427,17 @@ def cmd_eval(args) -> dict:
         sparse = os.path.expanduser(args.model)
         if folder is None and os.path.isfile(os.path.join(sparse, "config.json")) and is_sparse_folder(sparse):
             folder = sparse  # a sparse folder (one file or shards): packed weights unpacked layer by layer
-        if folder is None or args.tasks or args.activation_sparsity is not None or not do_eval:
+        if folder is None or args.activation_sparsity is not None:
             raise SecateursError(
-                "eval --low-memory measures the perplexity (--eval) of a local Hugging Face folder of safetensors "
-                "shards or a sparse folder, read one decoder layer at a time (no --tasks or --activation-sparsity)"
+                "eval --low-memory measures a local Hugging Face folder of safetensors shards or a sparse folder, "
+                "read one decoder layer at a time (no --activation-sparsity)"
             )
-        result = _evaluate(None, None, args, "", folder)
-        return {"model": str(folder), "dtype": args.dtype, "streamed": True, **result.to_dict()}
+        out = {"model": str(folder), "dtype": args.dtype, "streamed": True}
+        if do_eval:
+            out.update(_evaluate(None, None, args, "", folder).to_dict())
+        if args.tasks:
+            out["zero_shot"] = _zero_shot(None, None, args, "", folder).to_dict()
+        return out
     model, tokenizer, model_desc = load_model(args.model, args.dtype)
     model.to(device)
     out = {"model": model_desc, "dtype": str(model.dtype).replace("torch.", "")}

@@ -4,7 +4,9 @@ Task names are lm-eval registry names (``boolq``, ``piqa``, ``arc_easy``, ``hell
 their data comes from the Hugging Face hub), the tasks shipped with secateurs (``bible_next_sentence``, read
 from the package, no network: see :mod:`secateurs.evaluate.tasks`), or a path to an lm-eval task YAML file.
 The model and tokenizer objects are handed to lm-eval's ``HFLM`` as they are: nothing is downloaded or
-reloaded, so a pruned model is scored exactly as it sits in memory.
+reloaded, so a pruned model is scored exactly as it sits in memory. A model folder too big to load is scored one
+decoder layer at a time by :func:`secateurs.oneshot.streamed_zeroshot.zero_shot_streamed` (log-likelihood and
+multiple-choice tasks), with the same requests and the same figures.
 
 lm-eval is an optional dependency (``pip install 'secateurs[eval]'``). Hub tasks fail at once with one clear
 line when the hub cannot be reached (the same short probe as the hub text sources) and the data is not in the
@@ -21,7 +23,7 @@ import importlib.metadata
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,15 +71,17 @@ class ZeroShotResult:
     seconds: float
     device: str = ""
     max_length: int | None = None  # tokens: lm-eval cuts contexts on the left to fit
+    streamed: bool = False  # the model was read one decoder layer at a time (zero_shot_streamed)
 
     @property
     def protocol(self) -> str:
         shots = "zero-shot" if self.num_fewshot == 0 else f"{self.num_fewshot}-shot"
         limit = "all examples" if self.limit is None else f"first {self.limit} examples per task"
+        streamed = "; model streamed one decoder layer at a time" if self.streamed else ""
         return (
             f"lm-eval {self.lm_eval_version}, {shots}, {limit}; multiple choice: acc = argmax of the summed "
             f"log-probability of each choice after the context, acc_norm = the same divided by the choice's "
-            f"length in characters"
+            f"length in characters{streamed}"
         )
 
     def accuracy(self, task: str) -> float | None:
@@ -264,10 +268,32 @@ def load_tasks(names: Sequence[str]) -> dict:
         raise SecateursError(f"could not load zero-shot task(s) {which}: {_first_line(exc)}") from None
 
 
-def check_tasks(names: str | Sequence[str]) -> list[str]:
-    """The parsed names, after checking now (before any long work) that each task exists and its data loads."""
+# what a streamed model scores: requests answered by log-likelihoods of continuations, all known in advance
+STREAMED_OUTPUT_TYPES = ("loglikelihood", "multiple_choice")
+
+
+def check_streamable(loaded: dict) -> None:
+    """Refuse tasks a streamed model cannot score (rolling log-likelihood, generation), naming them."""
+    refused = {
+        name: task.OUTPUT_TYPE
+        for name, task in loaded["tasks"].items()
+        if task.OUTPUT_TYPE not in STREAMED_OUTPUT_TYPES
+    }
+    if refused:
+        which = ", ".join(f"{name} ({kind})" for name, kind in refused.items())
+        raise SecateursError(
+            f"a streamed model scores only log-likelihood and multiple-choice tasks, not {which}: load the model "
+            "in memory (without --low-memory) for these"
+        )
+
+
+def check_tasks(names: str | Sequence[str], streamed: bool = False) -> list[str]:
+    """The parsed names, after checking now (before any long work) that each task exists and its data loads, and
+    with ``streamed`` that a streamed model can score it (:func:`check_streamable`)."""
     names = parse_tasks(names)
-    load_tasks(names)
+    loaded = load_tasks(names)
+    if streamed:
+        check_streamable(loaded)
     return names
 
 
@@ -414,36 +440,67 @@ def zero_shot(
     names = parse_tasks(tasks)
     _check_options(limit, num_fewshot, batch_size)
     loaded = load_tasks(names)
-
-    import lm_eval.evaluator
-
     if device is not None:
         from secateurs.models import default_device
 
         model.to(default_device(device))
+    was_training = model.training
+    try:
+        return run_tasks(
+            # a copy: lm-eval sets a pad token on the tokenizer it is given
+            lambda: _quiet_hflm()(
+                pretrained=model, tokenizer=_copy(tokenizer), batch_size=batch_size, progress=progress
+            ),
+            names,
+            loaded,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            progress=progress,
+            log_samples=log_samples,
+            seed=seed,
+        )
+    finally:
+        model.train(was_training)
+
+
+def run_tasks(
+    make_lm: Callable[[], object],
+    names: list[str],
+    loaded: dict,
+    *,
+    limit: int | float | None,
+    num_fewshot: int,
+    batch_size: int | str,
+    progress: bool,
+    log_samples: bool,
+    seed: int,
+    streamed: bool = False,
+) -> ZeroShotResult:
+    """Score the ``loaded`` tasks (:func:`load_tasks` of ``names``) with the lm-eval model ``make_lm()`` builds
+    (an ``HFLM``, or one that answers the same requests), lm-eval's refusals turned into one-line errors."""
+    import lm_eval.evaluator
+
     for task in loaded["tasks"].values():
         if task.get_config("num_fewshot") != 0 or num_fewshot == 0:
             task.set_config(key="num_fewshot", value=num_fewshot)
         task.set_fewshot_seed(seed=seed)
-
-    was_training = model.training
+    lm = None
     t0 = time.perf_counter()
     try:
         with _quiet_lm_eval(progress):
-            # a copy: lm-eval sets a pad token on the tokenizer it is given
-            lm = _quiet_hflm()(pretrained=model, tokenizer=_copy(tokenizer), batch_size=batch_size, progress=progress)
+            lm = make_lm()
             raw = lm_eval.evaluator.evaluate(
                 lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=1000, log_samples=log_samples
             )
     except ValueError as exc:  # lm-eval's refusals: unsafe-code tasks, multimodal tasks for a text model ...
         raise SecateursError(f"lm-eval cannot run {', '.join(names)}: {_first_line(exc)}") from None
     except AssertionError:  # lm-eval's own checks; the one users meet is a choice longer than the model's context
+        positions = f"{lm.max_length} " if lm is not None else ""
         raise SecateursError(
             f"lm-eval stopped on {', '.join(names)} (an internal check failed; the usual cause is an answer "
-            f"choice longer than the model's {lm.max_length} positions: lm-eval cuts contexts, never choices)"
+            f"choice longer than the model's {positions}positions: lm-eval cuts contexts, never choices)"
         ) from None
-    finally:
-        model.train(was_training)
     seconds = time.perf_counter() - t0
     return ZeroShotResult(
         tasks=_task_results(raw, log_samples),
@@ -452,8 +509,9 @@ def zero_shot(
         limit=limit,
         batch_size=batch_size,
         seconds=seconds,
-        device=str(next(model.parameters()).device),
+        device=str(lm.device),
         max_length=lm.max_length,
+        streamed=streamed,
     )
 
 

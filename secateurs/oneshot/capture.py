@@ -7,7 +7,7 @@ masks, position embeddings ... which may differ per layer, e.g. sliding-window l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,16 +141,22 @@ class Replay:
 
 @torch.no_grad()
 def record(
-    model: nn.Module, calibration: torch.Tensor, device: torch.device, progress: bool = True, batch: int = 1
+    model: nn.Module,
+    calibration: torch.Tensor | Sequence[torch.Tensor],
+    device: torch.device,
+    progress: bool = True,
+    batch: int = 1,
 ) -> Recorder:
     """The capture pass: the :class:`Recorder` holding each window's (or batch of ``batch`` windows') inputs to layer
-    0 and every layer's arguments (and the layers' output convention)."""
+    0 and every layer's arguments (and the layers' output convention). ``calibration`` may also be a list of
+    batches of token ids, each [rows, length] with its own length (``batch`` is then not used)."""
     layers_name, layers = find_layers(model)
     layer0_home = next(layers[0].parameters()).device
     layers[0].to(device)
+    batches = calibration.split(batch) if isinstance(calibration, torch.Tensor) else calibration
     try:
         with OnDevice(model, layers_name, device), Recorder(layers) as rec:
-            for rows in tqdm(calibration.split(batch), desc="capturing inputs", disable=not progress, leave=False):
+            for rows in tqdm(batches, desc="capturing inputs", disable=not progress, leave=False):
                 try:
                     model(input_ids=rows.to(device), use_cache=False)
                 except LastLayerRecorded:
@@ -163,3 +169,32 @@ def record(
                 if key in call.kwargs:
                     call.kwargs[key] = None
     return rec
+
+
+@torch.no_grad()
+def through_layers(
+    model: nn.Module,
+    residence,
+    batches: torch.Tensor | Sequence[torch.Tensor],
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "layer by layer",
+) -> tuple[list[torch.Tensor], bool]:
+    """Run token ids through a model whose decoder layers are not in memory, one layer at a time: (the last layer's
+    output for each batch, whether the layers return tuples). ``batches``: as :func:`record` takes them (a
+    [n, seqlen] tensor is run one row at a time). ``residence`` (a :class:`~secateurs.oneshot.streaming.Streamed`)
+    reads each layer in before it runs over every batch and drops it after, then reads everything outside the
+    layers back in, so that the model's own forward under :class:`Replay` applies the final norm and the head.
+    Holds the hidden states of every batch at once, and one layer."""
+    _, layers = find_layers(model)
+    residence.prepare(layers)
+    rec = record(model, batches, device, progress)
+    hidden, calls = rec.inputs, rec.calls
+    for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
+        residence.enter(index, layers[index], device)
+        for j, call in enumerate(calls[index]):
+            hidden[j] = layer_output(call(layers[index], hidden[j]))
+        calls[index] = None
+        residence.leave(index, layers[index], final=False)
+    residence.load_outside()
+    return hidden, bool(rec.tuple_output)

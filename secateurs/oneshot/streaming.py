@@ -580,24 +580,13 @@ def streamed_perplexity(
     through one decoder layer at a time (each read once), then through the model's own forward with the layers
     replaced by the hidden states so computed, for the final norm, the LM head and the loss. The same operations as
     a whole-model forward, window by window, so the same figure."""
-    from tqdm.auto import tqdm
-
     from secateurs.evaluate.perplexity import perplexity_result, window_nll
-    from secateurs.oneshot.capture import OnDevice, Replay, layer_output, record
+    from secateurs.oneshot.capture import OnDevice, Replay, through_layers
 
     layers_name, layers = find_layers(model)
-    residence.prepare(layers)
-    rec = record(model, windows, device, progress)
-    hidden, calls = rec.inputs, rec.calls
-    for index in tqdm(range(len(layers)), desc="perplexity, layer by layer", disable=not progress):
-        residence.enter(index, layers[index], device)
-        for j, call in enumerate(calls[index]):
-            hidden[j] = layer_output(call(layers[index], hidden[j]))
-        calls[index] = None
-        residence.leave(index, layers[index], final=False)
-    residence.load_outside()
+    hidden, tuple_output = through_layers(model, residence, windows, device, progress, "perplexity, layer by layer")
     total = 0.0
-    with OnDevice(model, layers_name, device), Replay(layers, bool(rec.tuple_output)) as replay:
+    with OnDevice(model, layers_name, device), Replay(layers, tuple_output) as replay:
         for j, row in enumerate(windows):
             replay.output = hidden[j]
             total += window_nll(model, row, device)
