@@ -4,7 +4,10 @@ Protocol (printed with the figures): for each pruned folder given (``secateurs p
 or, without folders, SmolLM2-135M-Instruct pruned here with Wanda at each ``--sparsities`` (32 x 512 bundled
 Shakespeare calibration tokens, seed 0): the sparse fp32 model, the same with int8 values (one float32 scale per
 row, symmetric round-to-nearest; ``save_sparse(values="int8")``), and that with the LM head int8 too
-(``int8_head``; a tied embedding shares its codes). Perplexity on the first 40 non-overlapping 512-token windows
+(``int8_head``; a tied embedding shares its codes); and int8 values whose codes are chosen by GPTQ rounding on
+calibration text (``gptq``: ``secateurs.oneshot.quantize.int8_codes`` on ``--gptq-windows`` x 512 tokens of bundled
+Shakespeare, seed 0; what ``prune --save-format sparse-int8`` does by default), alone and with the int8 head
+(``gptq_head``). Perplexity on the first 40 non-overlapping 512-token windows
 of the bundled Bible (the ``prune`` protocol), computed on the dequantised weights with dense matmuls: the sparse
 kernel computes the same products (tested to fp32 summation order). Bytes: the packed decoder linears as
 stored, and what one decode step reads (``secateurs.runtime.timing.step_bytes`` of the model on the kernel).
@@ -24,8 +27,10 @@ import torch
 
 import secateurs
 from secateurs.checkpoint import load_pruned, save_sparse
+from secateurs.data.windows import calibration_windows
 from secateurs.format.bits import quantize_rows, stored_bits
 from secateurs.measure import versions
+from secateurs.oneshot.quantize import int8_codes
 from secateurs.runtime import timing
 from secateurs.runtime.linear import int8_head, load_sparse
 
@@ -44,6 +49,7 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.5,0.7")
     parser.add_argument("--eval", default="bible")
     parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--gptq-windows", type=int, default=32, help="calibration windows of GPTQ rounding")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     ppl = dict(seqlen=512, max_windows=args.windows, progress=False)
@@ -75,6 +81,17 @@ def main() -> None:
             dequantised_head(model)
             row["int8_head"] = secateurs.evaluate(model, tokenizer, args.eval, **ppl).perplexity
             del model
+            model, tokenizer = load_pruned(folder)
+            windows = calibration_windows("shakespeare", tokenizer, args.gptq_windows, 512, 0)
+            codes = int8_codes(model, windows, progress=False)
+            gptq = Path(tmp) / f"{folder.name}-gptq"
+            save_sparse(model, tokenizer, gptq, progress=False, values="int8", int8_codes=codes)
+            del model
+            model, tokenizer = load_pruned(gptq)
+            row["gptq"] = secateurs.evaluate(model, tokenizer, args.eval, **ppl).perplexity
+            dequantised_head(model)
+            row["gptq_head"] = secateurs.evaluate(model, tokenizer, args.eval, **ppl).perplexity
+            del model
             steps = {}
             for name, path in (("fp32", Path(tmp) / f"{folder.name}-f32"), ("int8", int8)):
                 steps[name] = timing.step_bytes(load_sparse(path)[0]) / 1e6
@@ -86,7 +103,9 @@ def main() -> None:
             print(
                 f"{label:12s} ppl fp32 {row['fp32']:.3f} | "
                 f"int8 {row['int8']:.3f} ({row['int8'] / row['fp32'] - 1:+.2%}) | "
-                f"int8 + head {row['int8_head']:.3f} ({row['int8_head'] / row['fp32'] - 1:+.2%}); linears "
+                f"int8 + head {row['int8_head']:.3f} ({row['int8_head'] / row['fp32'] - 1:+.2%}) | "
+                f"GPTQ int8 {row['gptq']:.3f} ({row['gptq'] / row['fp32'] - 1:+.2%}) | "
+                f"GPTQ int8 + head {row['gptq_head']:.3f} ({row['gptq_head'] / row['fp32'] - 1:+.2%}); linears "
                 f"{row['linear_mb']['dense']:.0f} MB dense, {row['linear_mb']['fp32']:.0f} fp32 sparse, "
                 f"{row['linear_mb']['int8']:.0f} int8; per decode step {steps['fp32']:.0f} / {steps['int8']:.0f} / "
                 f"{steps['int8_head']:.0f} MB"

@@ -96,13 +96,16 @@ def save_pruned(
     overwrite: bool = False,
     save_format: str = "hf",
     masks: Mapping[str, torch.Tensor] | None = None,
+    int8_codes: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Path:
     """Save model (safetensors), tokenizer, report and ``masks`` ({linear: bool [out, in], True = pruned}) into
     ``folder`` atomically. ``save_format="sparse"`` writes the compact sparse checkpoint (:func:`save_sparse`),
-    ``"sparse-int8"`` the same with int8 values and per-row scales."""
+    ``"sparse-int8"`` the same with int8 values and per-row scales (``int8_codes``: see :func:`save_sparse`)."""
     if save_format in ("sparse", "sparse-int8"):
         values = "int8" if save_format == "sparse-int8" else None
-        save_sparse(model, tokenizer, folder, report, overwrite=overwrite, masks=masks, values=values)
+        save_sparse(
+            model, tokenizer, folder, report, overwrite=overwrite, masks=masks, values=values, int8_codes=int8_codes
+        )
         return Path(folder)
     if save_format != "hf":
         raise SecateursError(f"unknown save format {save_format!r}: use hf, sparse or sparse-int8")
@@ -128,7 +131,12 @@ def module_weights(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _collect(
-    model: nn.Module, min_sparsity: float | None, progress: bool, linears: dict | None = None, values: str | None = None
+    model: nn.Module,
+    min_sparsity: float | None,
+    progress: bool,
+    linears: dict | None = None,
+    values: str | None = None,
+    codes: Mapping | None = None,
 ):
     """:func:`secateurs.packing.collect`, with the linears a model already runs sparse (converted by
     to_sparse_linears / load_sparse) written as they are packed."""
@@ -139,7 +147,7 @@ def _collect(
             p = module.packed
             packed = PackedTensor(p.mask, p.values[: p.nnz].clone(), p.shape, module.transposed, None, p.scales)
             already[name] = (packed, model_itemsize if p.scales is not None else p.values.element_size())
-    return collect(model, min_sparsity, progress, linears, values, already)
+    return collect(model, min_sparsity, progress, linears, values, already, codes)
 
 
 def _check_values(values: str | None) -> None:
@@ -163,6 +171,7 @@ def save_sparse(
     progress: bool = True,
     masks: Mapping[str, torch.Tensor] | None = None,
     values: str | None = None,
+    int8_codes: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict:
     """Write ``model`` as a compact sparse folder (atomically) and return what it saved, in bytes.
 
@@ -176,8 +185,13 @@ def save_sparse(
     ``masks`` ({linear: bool [out, in], True = pruned}) go to ``masks.safetensors`` beside the weights.
     ``values="int8"``: the packed weights' values as int8 codes with one float32 scale per row (symmetric
     round-to-nearest; every stored weight stays non-zero, so masks and counts are unchanged); None keeps them.
+    ``int8_codes`` (with ``values="int8"``): {linear name: (int8 codes [out, in], float32 scales [out])} stored for
+    those linears instead of round-to-nearest ones, e.g. from :func:`secateurs.oneshot.quantize.int8_codes`
+    (GPTQ rounding on calibration text).
     """
     _check_values(values)
+    if int8_codes and values != "int8":
+        raise SecateursError("int8 codes are stored only with values='int8'")
     if out_dir is None and isinstance(tokenizer, (str, os.PathLike)):
         tokenizer, out_dir = None, tokenizer
     if out_dir is None:
@@ -191,7 +205,7 @@ def save_sparse(
     linears = module_weights(model) if plain else None
     if plain and not linears and not any(isinstance(m, SparseLinear) for m in model.modules()):
         raise SecateursError(f"{type(model).__name__} has no Linear or Conv weight to save sparse")
-    tensors, aliases, sizes, dense_linears = _collect(model, min_sparsity, progress, linears, values)
+    tensors, aliases, sizes, dense_linears = _collect(model, min_sparsity, progress, linears, values, int8_codes)
     packed = sum(isinstance(t, PackedTensor) for t in tensors.values())
     fused = fused_parameters(model)
     if fused:
@@ -227,6 +241,7 @@ def save_sparse(
         "format": f"{FORMAT} v{FORMAT_VERSION}",
         "dtype": dtype_name(dtype),
         "values": values or dtype_name(dtype),
+        **({"int8_rounding": "gptq" if int8_codes else "nearest"} if values == "int8" else {}),
         "packed_linears": packed,
         "dense_linears": dense_linears,
         **sizes,
@@ -306,6 +321,7 @@ def compress(
     progress: bool = True,
     values: str | None = None,
     low_memory: bool | None = None,
+    calibration=None,
 ) -> dict:
     """Rewrite a pruned Hugging Face folder (e.g. from ``secateurs prune``) as a sparse folder; returns the sizes.
 
@@ -313,7 +329,9 @@ def compress(
     codes with per-row scales; the source may then be a sparse folder already (its weights are read back first).
     ``low_memory``: read, pack and write one decoder layer at a time into sparse shards
     (:func:`secateurs.oneshot.streaming.compress_streamed`); None chooses it when the source's weights would not fit
-    in the free memory.
+    in the free memory. ``calibration`` (with int8 values; a :class:`secateurs.data.calibration.Calibration` or a
+    source name): the int8 codes are chosen by GPTQ rounding on that text (:mod:`secateurs.format.int8`) rather than
+    by rounding to nearest; it needs the model in memory.
     """
     src = Path(src_dir).expanduser()
     if not (src / "config.json").is_file():
@@ -323,6 +341,16 @@ def compress(
         raise SecateursError(f"{src} is already a sparse checkpoint (add --values int8 to requantise its values)")
     if Path(out_dir).expanduser().absolute() == src.absolute():
         raise SecateursError("the output folder must differ from the source")
+    if calibration is not None:
+        from secateurs.data import describe_source
+        from secateurs.data.calibration import Calibration
+
+        if values != "int8":
+            raise SecateursError("calibration text chooses int8 codes: it needs values='int8' (--values int8)")
+        if low_memory:
+            raise SecateursError("GPTQ rounding (--calibration) needs the model in memory: leave out --low-memory")
+        calibration = calibration if isinstance(calibration, Calibration) else Calibration(str(calibration))
+        describe_source(calibration.source)
     check_output(out_dir, overwrite)
     report = None
     if (src / REPORT_NAME).is_file():
@@ -333,7 +361,7 @@ def compress(
     if low_memory is None:
         from secateurs.oneshot.streaming import should_stream
 
-        low_memory = should_stream(src)
+        low_memory = should_stream(src) and calibration is None
         if low_memory:
             log.info("%s would not fit in the free memory: compressing it layer by layer (as with --low-memory)", src)
     if low_memory:
@@ -360,6 +388,11 @@ def compress(
             model, tokenizer = load_pruned(src)
         else:
             model, tokenizer, _ = load_model(str(src))
+        codes = None
+        if calibration is not None:
+            from secateurs.oneshot.quantize import int8_codes
+
+            codes = int8_codes(model, calibration.windows(tokenizer), progress=progress)
         summary = save_sparse(
             model,
             tokenizer,
@@ -370,7 +403,10 @@ def compress(
             progress=progress,
             masks=masks,
             values=values,
+            int8_codes=codes,
         )
+        if calibration is not None:
+            summary["int8_calibration"] = calibration.to_dict()
     summary["source"] = str(src)
     summary["source_folder_bytes"] = folder_bytes(src)
     summary["source_ratio"] = summary["folder_bytes"] / max(summary["source_folder_bytes"], 1)
@@ -392,9 +428,20 @@ def add_parser(subparsers, name: str) -> None:
         "--values",
         choices=["int8"],
         default=None,
-        help="store the packed values as int8 with one float32 scale per row (symmetric round-to-nearest; "
-        "every stored weight stays non-zero); default: the model's dtype",
+        help="store the packed values as int8 with one float32 scale per row (symmetric, rounded to nearest or, "
+        "with --calibration, by GPTQ; every stored weight stays non-zero); default: the model's dtype",
     )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="SOURCE",
+        help="with --values int8: choose the codes by GPTQ rounding against each linear's inputs on this text "
+        "(bundled name, .txt/.jsonl path, c4, wikitext2) instead of rounding to nearest (lower error, needs the model "
+        "in memory and one pass over the text)",
+    )
+    p.add_argument("--nsamples", type=int, default=32, help="--calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="--calibration tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="--calibration window seed (default 0)")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="where to write the sparse folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
@@ -416,6 +463,8 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def _run(args) -> dict:
+    from secateurs.data.calibration import Calibration
+
     if args.min_sparsity is not None and not 0 <= args.min_sparsity <= 1:
         raise SecateursError(f"--min-sparsity must be in [0, 1], got {args.min_sparsity}")
     return compress(
@@ -426,4 +475,7 @@ def _run(args) -> dict:
         progress=not args.quiet,
         values=args.values,
         low_memory=True if args.low_memory else None,
+        calibration=None
+        if args.calibration is None
+        else Calibration(args.calibration, args.nsamples, args.seqlen, args.seed),
     )

@@ -35,12 +35,15 @@ def collect(
     linears: dict | None = None,
     values: str | None = None,
     already: dict | None = None,
+    codes: dict | None = None,
 ):
     """What to write for ``model``: (tensors, dense and packed by name; aliases; byte counts; linears left dense).
 
     ``linears``: the modules whose weights may be packed (default: the decoder linears of a causal LM);
     ``values="int8"``: their stored values as int8 codes with per-row scales; ``already``: modules already packed
-    (name -> (PackedTensor, bytes per weight it took dense)), written as they are."""
+    (name -> (PackedTensor, bytes per weight it took dense)), written as they are; ``codes`` (with int8 values): name
+    -> (int8 codes, scales) to store for that linear instead of round-to-nearest ones
+    (:func:`secateurs.oneshot.quantize.int8_codes`)."""
     from tqdm.auto import tqdm
 
     state = model.state_dict()
@@ -86,7 +89,11 @@ def collect(
         packable = dtype_name(W.dtype) in PACKABLE_DTYPES
         if wanted and not shared and packable:
             transposed = not isinstance(module, nn.Linear) and not is_conv(module)
-            add_packed(name, PackedTensor.from_weight(W.cpu(), transposed=transposed, values=values), W.element_size())
+            if values == "int8" and codes and name in codes:
+                packed = PackedTensor.from_codes(W.cpu(), *codes[name], transposed=transposed)
+            else:
+                packed = PackedTensor.from_weight(W.cpu(), transposed=transposed, values=values)
+            add_packed(name, packed, W.element_size())
             continue
         if wanted and not shared:
             log.warning("%s stays dense: packing needs float32 or bfloat16, not %s", name, dtype_name(W.dtype))

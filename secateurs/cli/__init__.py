@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         "scales. With --low-memory each is written one shard per decoder layer (sparse: "
         "model-0000i-of-0000n.sparse.safetensors + model.sparse.safetensors.index.json)",
     )
+    p.add_argument(
+        "--int8-rounding",
+        choices=["gptq", "nearest"],
+        default="gptq",
+        help="sparse-int8: choose the codes by GPTQ rounding against each pruned linear's inputs on the calibration "
+        "windows (gptq, the default: one more pass over them) or round each weight to nearest (nearest; what a "
+        "streamed prune does)",
+    )
     add_common(p)
 
     p = sub.add_parser("eval", help="perplexity (paper protocol) and zero-shot accuracy (--tasks) of a model")
@@ -375,9 +383,21 @@ def cmd_prune(args) -> dict:
             "output": str(output) if output else None,
         }
         if streamed is not None:
+            if args.save_format == "sparse-int8":
+                out["int8_rounding"] = "nearest"
+                if args.int8_rounding == "gptq":
+                    log.info("a streamed prune rounds int8 codes to nearest (GPTQ rounding needs the model in memory)")
             writing.save_report(out)
     if output and ranks.main:
         if streamed is None:
+            codes = None
+            if args.save_format == "sparse-int8":
+                out["int8_rounding"] = args.int8_rounding
+                if args.int8_rounding == "gptq":
+                    from secateurs.oneshot.quantize import int8_codes
+
+                    log.info("int8 codes by GPTQ rounding on the calibration windows")
+                    codes = int8_codes(model, calibration.windows(tokenizer), device, progress=not args.quiet)
             model.to(torch.device("cpu"))
             save_pruned(
                 model,
@@ -387,6 +407,7 @@ def cmd_prune(args) -> dict:
                 overwrite=args.overwrite,
                 save_format=args.save_format,
                 masks=report.mask_tensors(),
+                int8_codes=codes,
             )
         log.info("saved to %s", output)
         shutil.rmtree(progress_dir, ignore_errors=True)

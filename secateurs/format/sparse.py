@@ -92,6 +92,29 @@ class PackedTensor:
             raise SecateursError(f"values must be int8 or the weight's own dtype, not {values!r}")
         return cls(pack_mask(bits), weight[bits], shape, transposed, view)
 
+    @classmethod
+    def from_codes(
+        cls, weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, transposed: bool = False
+    ) -> PackedTensor:
+        """Pack ``weight`` as :meth:`from_weight` with ``values="int8"`` would, but with int8 ``codes`` [out, in] and
+        float32 ``scales`` [out] chosen elsewhere (e.g. :func:`secateurs.format.int8.gptq_codes`); the mask is the
+        weight's own, and ``codes`` must be 0 wherever it stores nothing."""
+        weight = weight.detach().contiguous()
+        view = None
+        if weight.dim() > 2:
+            view = tuple(int(n) for n in weight.shape)
+            weight = weight.reshape(weight.shape[0], -1)
+        bits = stored_bits(weight)
+        if codes.shape != weight.shape or codes.dtype != torch.int8 or scales.shape != (weight.shape[0],):
+            raise SecateursError(
+                f"int8 codes {tuple(codes.shape)} {codes.dtype} and scales {tuple(scales.shape)} do not fit a weight "
+                f"of shape {tuple(weight.shape)}"
+            )
+        if bool(codes[~bits].any()):
+            raise SecateursError("int8 codes give a value to a weight the mask does not store")
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        return cls(pack_mask(bits), codes.cpu()[bits], shape, transposed, view, scales.float().cpu().contiguous())
+
     @property
     def nnz(self) -> int:
         return self.values.numel()
