@@ -97,14 +97,24 @@ def save_pruned(
     save_format: str = "hf",
     masks: Mapping[str, torch.Tensor] | None = None,
     int8_codes: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    progress: bool = True,
 ) -> Path:
     """Save model (safetensors), tokenizer, report and ``masks`` ({linear: bool [out, in], True = pruned}) into
-    ``folder`` atomically. ``save_format="sparse"`` writes the compact sparse checkpoint (:func:`save_sparse`),
-    ``"sparse-int8"`` the same with int8 values and per-row scales (``int8_codes``: see :func:`save_sparse`)."""
+    ``folder`` atomically (``progress``: a bar while packing a sparse one). ``save_format="sparse"`` writes the
+    compact sparse checkpoint (:func:`save_sparse`), ``"sparse-int8"`` the same with int8 values and per-row
+    scales (``int8_codes``: see :func:`save_sparse`)."""
     if save_format in ("sparse", "sparse-int8"):
         values = "int8" if save_format == "sparse-int8" else None
         save_sparse(
-            model, tokenizer, folder, report, overwrite=overwrite, masks=masks, values=values, int8_codes=int8_codes
+            model,
+            tokenizer,
+            folder,
+            report,
+            overwrite=overwrite,
+            masks=masks,
+            values=values,
+            int8_codes=int8_codes,
+            progress=progress,
         )
         return Path(folder)
     if save_format != "hf":

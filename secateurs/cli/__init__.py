@@ -408,6 +408,7 @@ def cmd_prune(args) -> dict:
                 save_format=args.save_format,
                 masks=report.mask_tensors(),
                 int8_codes=codes,
+                progress=not args.quiet,
             )
         log.info("saved to %s", output)
         shutil.rmtree(progress_dir, ignore_errors=True)
