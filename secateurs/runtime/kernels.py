@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -282,11 +283,12 @@ def _checked_isa(name: str) -> str:
 
 _isa = supported_isas()[0]
 _threads: int | None = None
-# From how many rows of x the tiled path (decompress + dense matmul) beats the bitmask kernel,
-# measured on SmolLM2's shapes at 70% on 2 AVX-512 cores (idle): fp32 crosses over between 64 and 256 rows by
-# shape, bf16 (whose dense matmul is much faster than the kernel) between 16 and 128. The decompression runs on
+# From how many rows of x the tiled path (decompress + dense matmul) beats the bitmask kernel's inner-product
+# blocks, measured on SmolLM2's shapes at 70% on 2 AVX-512 cores (idle): fp32 crosses over between 64 and 256 rows
+# by shape, bf16 (whose dense matmul is much faster than the kernel) between 16 and 128. The decompression runs on
 # the kernel's threads, where torch's OpenMP workers still spinning after the previous matmul slow it 3-5x.
-# Keyed by the dtype the tiles are multiplied in (see _matmul_dtype).
+# Keyed by the dtype the tiles are multiplied in (see _matmul_dtype). On AVX-512, OUTER_PREFILL_ROWS (below) takes
+# their place for the weights its outer products serve.
 PREFILL_ROWS = {torch.float32: 128, torch.bfloat16: 32}
 # From how many rows of x a weight with every entry stored (an LM head on the kernel) goes to the dense matmul.
 DENSE_PREFILL_ROWS = 8
@@ -294,6 +296,40 @@ DENSE_PREFILL_ROWS = 8
 # previous tile's matmul, hold the other cores for a while (decompressing beside them ran 3-5x slower).
 UNPACK_THREADS = int(os.environ.get("SECATEURS_UNPACK_THREADS", "1"))
 _prefill_rows: int | None = None
+# From how many rows of x the AVX-512 kernel multiplies a row-layout weight by outer products (each stored weight
+# times 64 tokens of its input: work in proportion to the stored weights) rather than by its inner-product blocks
+# (16 columns of a row expanded from the mask, times 4 tokens): they cross over at 12-16 rows on SmolLM2's shapes
+# at 50-70%, fp32 and bf16, 1 thread (benchmarks/kernel_shapes.py --prefill; AMD EPYC Zen 4 machine).
+OUTER_ROWS = 16
+_outer_rows: int | None = None
+NEVER = sys.maxsize  # a row count no x reaches
+# From how many rows of x the tiles beat the AVX-512 kernel's outer products, by the dtype the tiles would multiply
+# in and the stored fraction of the weight: the first (up to this density, from this many rows) that applies; a
+# denser weight (and a full one, such as an LM head) keeps PREFILL_ROWS. Measured as for OUTER_ROWS, 1 thread,
+# 64-512 tokens: fp32 outer products ran at 1.4-2.5x dense F.linear at 50-70% sparsity and 1.1x at 30%, the tiles
+# at 0.8-1.0x, and tied with them at 80-90%; bf16 values with bf16 x (the bf16 pair form against a bf16 matmul) at
+# 70% 1.0-1.4x dense bf16 against 0.5-1.0x, at 50% ahead up to 64 tokens and 5-20% behind from 128 (0.7-1.0x, the
+# tiles 0.8-1.0x), and behind at 30-40% (0.7-0.8x against 0.8-0.95x); int8 codes with bf16 x (key torch.int8: bf16
+# tiles of int8 codes, slower to decompress) at 50% 0.8-0.96x against 0.64-0.89x.
+OUTER_PREFILL_ROWS = {
+    torch.float32: ((0.75, NEVER),),
+    torch.bfloat16: ((0.45, NEVER), (0.55, 128)),
+    torch.int8: ((0.55, NEVER),),
+}
+
+
+def set_outer_rows(n: int | None) -> None:
+    """From how many rows of ``x`` (tokens) the AVX-512 kernel multiplies by outer products; None: OUTER_ROWS; a
+    huge number: never (the inner-product blocks for every row count below :func:`prefill_rows`)."""
+    global _outer_rows
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"outer rows must be a positive integer or None, got {n!r}")
+    _outer_rows = n
+
+
+def outer_rows() -> int:
+    """The row count from which the AVX-512 kernel multiplies a row-layout weight by outer products."""
+    return _outer_rows if _outer_rows is not None else OUTER_ROWS
 
 
 def set_isa(name: str | None) -> None:
@@ -328,16 +364,31 @@ def set_prefill_rows(n: int | None) -> None:
     _prefill_rows = n
 
 
-def prefill_rows(dtype: torch.dtype = torch.float32) -> int:
+def prefill_rows(dtype: torch.dtype = torch.float32, density: float | None = None) -> int:
     """The row count from which :func:`spmm` takes the tiled path when the tiles are multiplied in ``dtype``
-    (bfloat16: bfloat16 x with bfloat16 or int8 values; float32 otherwise)."""
-    return _prefill_rows if _prefill_rows is not None else PREFILL_ROWS[dtype]
+    (bfloat16: bfloat16 x with bfloat16 or int8 values; float32 otherwise; torch.int8 for bfloat16 tiles of int8
+    codes, which differ only with outer products). ``density``: the stored fraction of a weight the AVX-512 kernel
+    can multiply by outer products (one in the row layout), None for one it cannot; with outer products the
+    thresholds are :data:`OUTER_PREFILL_ROWS` (:data:`NEVER`: not tiled at all)."""
+    if _prefill_rows is not None:
+        return _prefill_rows
+    if density is not None and _isa == "avx512":
+        for most, rows in OUTER_PREFILL_ROWS[dtype]:
+            if density <= most:
+                return rows
+    return PREFILL_ROWS[torch.bfloat16 if dtype == torch.int8 else dtype]
 
 
 def _matmul_dtype(x_dtype: torch.dtype, values_dtype: torch.dtype) -> torch.dtype:
     """The dtype the tiled path multiplies in: bfloat16 when x is and the values are bfloat16 or int8 codes."""
     bf16 = x_dtype == torch.bfloat16 and values_dtype in (torch.bfloat16, torch.int8)
     return torch.bfloat16 if bf16 else torch.float32
+
+
+def _tiles_key(x_dtype: torch.dtype, values_dtype: torch.dtype) -> torch.dtype:
+    """:func:`prefill_rows`' key: the matmul dtype, or torch.int8 for bfloat16 tiles of int8 codes."""
+    dtype = _matmul_dtype(x_dtype, values_dtype)
+    return torch.int8 if dtype == torch.bfloat16 and values_dtype == torch.int8 else dtype
 
 
 if os.environ.get(ISA_ENV):
@@ -493,9 +544,13 @@ def spmm(
 ) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the packed weight; x ``[..., in]`` float32/bfloat16, result in x's dtype.
 
-    Decode-sized x (fewer rows than :func:`prefill_rows`) runs the bitmask kernel, which accumulates in fp32
-    whatever the dtypes of x and the values; longer x (prefill) decompresses the weight tile by tile and uses the
-    dense matmul on each tile, in the values' precision (bfloat16 values: a bfloat16 matmul, as the dense model).
+    Decode-sized x runs the bitmask kernel, which accumulates in fp32 whatever the dtypes of x and the values; from
+    :func:`outer_rows` rows the AVX-512 kernel multiplies by outer products (for bfloat16 x with bfloat16 or int8
+    values, bf16 products as the dense model's, accumulated in fp32); from :func:`prefill_rows` rows (prefill
+    where outer products are not the faster) spmm decompresses the weight tile by tile and uses the dense matmul on
+    each tile, in the values' precision (bfloat16 values: a bfloat16 matmul, as the dense model). Outer products
+    multiply the stored weights only: a NaN or infinite input reaches the outputs whose rows store its column (in
+    the bf16 pair form, its pair of columns), where a dense product (0 * inf = NaN) spreads it to all of them.
     ``threshold``: inputs of magnitude at most this count as zero (activation sparsity); in the column layout the
     decode kernel then never reads their columns. CPU only.
     """
@@ -521,10 +576,11 @@ def spmm(
         with _torch_threads(num_threads()):
             y = F.linear(x2, W, None if bias is None else bias.to(dtype))
         return y.to(x.dtype).reshape(*x.shape[:-1], out)
-    if rows >= prefill_rows(_matmul_dtype(x.dtype, p.values.dtype)):
+    by_rows = p.layout == "rows"
+    if rows >= prefill_rows(_tiles_key(x.dtype, p.values.dtype), p.density if by_rows else None):
         x2 = threshold_inputs(x2.reshape(rows, cols), threshold)
         return _spmm_tiled(x2, p, bias).reshape(*x.shape[:-1], out)
-    if threshold is not None and p.layout == "rows":  # the row kernel reads every column: threshold x first
+    if threshold is not None and by_rows:  # the row kernel reads every column: threshold x first
         x2, stride, threshold = threshold_inputs(x2.reshape(rows, cols), threshold), cols, None
     y = torch.empty((*x.shape[:-1], out), dtype=x.dtype)
     args = (
@@ -540,8 +596,8 @@ def spmm(
         _threads if _threads is not None else torch.get_num_threads(),
         p._scales_ptr,
     )
-    if p.layout == "columns":
+    if not by_rows:
         _native.spmm_columns(*args, -1.0 if threshold is None else float(threshold))
     else:
-        _native.spmm(*args)
+        _native.spmm(*args, int(_isa == "avx512" and rows >= outer_rows() and not p.full))
     return y

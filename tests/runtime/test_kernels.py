@@ -27,6 +27,7 @@ def _restore_kernel_settings():
     kernels.set_isa(None)
     kernels.set_num_threads(None)
     kernels.set_prefill_rows(None)
+    kernels.set_outer_rows(None)
 
 
 def sparse_weight(out: int, cols: int, sparsity: float, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -328,8 +329,9 @@ def test_int8_values_match_their_dequantised_weight(isa, cols):
             bias = torch.randn(21)
             assert_close_to_truth(kernels.spmm(x, p, bias), x, dequantised, bias)
             xb = x.bfloat16()
-            # many bf16 rows take the tiled path, which multiplies in bf16 (the weight rounded to bf16 first)
-            tiled = batch >= kernels.prefill_rows(torch.bfloat16) and isa != "torch"
+            # many bf16 rows may take the tiled path, which multiplies in bf16 (the weight rounded to bf16 first);
+            # outer products multiply the codes exactly and scale the sums
+            tiled = batch >= kernels.prefill_rows(torch.int8, p.density) and isa != "torch"
             assert_close_to_truth(kernels.spmm(xb, p), xb, dequantised.bfloat16() if tiled else dequantised, None)
 
 
@@ -495,6 +497,169 @@ def test_unpack_rows_on_several_threads(threads):
         whole = kernels.unpack(p)
         for r0, r1 in ((0, 300), (17, 283), (299, 300)):
             assert same_bits(kernels.unpack_rows(p, r0, r1), whole[r0:r1])
+
+
+# ----------------------------------------------------------------------------- outer products (AVX-512 prefill)
+class NativeCalls:
+    """The compiled module with the outer-product flag of each spmm call recorded."""
+
+    def __init__(self, native):
+        self.native, self.outer = native, []
+
+    def __getattr__(self, name):
+        return getattr(self.native, name)
+
+    def spmm(self, *args):
+        self.outer.append(args[-1])
+        return self.native.spmm(*args)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    spy = NativeCalls(kernels._native)
+    monkeypatch.setattr(kernels, "_native", spy)
+    return spy
+
+
+# widths off the 16-column groups and the 128-column chunks (and odd for the bf16 pairs), odd row counts, and
+# more rows than a block of 64
+OUTER_SHAPES = [(1, 1), (5, 15), (33, 17), (19, 69), (70, 31), (9, 130), (130, 263)]
+
+
+@needs_native
+@pytest.mark.parametrize("values", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("out, cols", OUTER_SHAPES)
+def test_outer_products_match_truth(values, out, cols, native_calls):
+    """The AVX-512 kernel's outer products (forced from 1 token here) against float64 truth: an empty row, a full
+    row, empty columns, a single token block and ragged ones (1-15 tokens in the last block of 16; 17, 33, 65 and
+    513 tokens), fp32 and bf16 activations (bf16 with bf16 or int8 values: the bf16 pair form, half of the last pair
+    past an odd width), a bias, 1 and 2 threads. The other ISAs ignore the flag and reach the same truth."""
+    kernels.set_outer_rows(1)
+    kernels.set_prefill_rows(kernels.NEVER)
+    dtype = torch.bfloat16 if values == "bfloat16" else torch.float32
+    weight = sparse_weight(out, cols, 0.6, dtype, seed=out * cols)  # row 1 empty and row 2 full where out >= 3
+    if cols >= 4:
+        weight[:, 3] = 0.0
+        weight[:, cols - 1] = 0.0
+    p = kernels.pack(weight, "int8" if values == "int8" else None)
+    held = kernels.unpack(p)
+    gen = torch.Generator().manual_seed(cols)
+    bias = torch.randn(out, generator=gen)
+    for isa in NATIVE:
+        kernels.set_isa(isa)
+        for threads in (1, 2):
+            kernels.set_num_threads(threads)
+            for batch in (1, 2, 15, 16, 17, 33, 64, 65, 513):
+                x = torch.randn(batch, cols, generator=gen)
+                for xdtype in DTYPES:
+                    xd = x.to(xdtype)
+                    assert_close_to_truth(kernels.spmm(xd, p, bias), xd, held, bias)
+                    assert native_calls.outer[-1] == (isa == "avx512")
+
+
+@needs_native
+def test_outer_products_agree_with_the_inner_product_blocks(native_calls):
+    """A model shape on 2 threads: the outer products and the inner-product blocks differ by summation order only."""
+    kernels.set_num_threads(2)
+    kernels.set_prefill_rows(kernels.NEVER)
+    for values in (None, "int8"):
+        for dtype in DTYPES:
+            p = kernels.pack(sparse_weight(1536, 576, 0.7, dtype), values)
+            x = torch.randn(100, 576).to(dtype)
+            kernels.set_outer_rows(1)
+            outer = kernels.spmm(x, p)
+            kernels.set_outer_rows(kernels.NEVER)
+            blocks = kernels.spmm(x, p)
+            assert native_calls.outer[-2:] == [kernels.isa() == "avx512", False]
+            tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+            torch.testing.assert_close(outer.float(), blocks.float(), rtol=tol, atol=tol)
+
+
+@needs_native
+def test_outer_products_dispatch(native_calls, monkeypatch):
+    """By default on AVX-512, a row-layout weight takes outer products from OUTER_ROWS rows and tiles as
+    OUTER_PREFILL_ROWS says for its density (by the dtype tiles would multiply in: fp32 sparse ones never, bf16
+    ones never at 70%, from 128 rows at 50%, int8 codes never at 50%); denser ones, and full ones (which keep the
+    kernel's dense path below), are tiled from PREFILL_ROWS; the column layout and the other ISAs keep the
+    inner-product kernel and the tiles from PREFILL_ROWS."""
+    tiled = []
+    real = kernels._spmm_tiled
+
+    def spy(x2, p, bias):
+        tiled.append(x2.shape[0])
+        return real(x2, p, bias)
+
+    monkeypatch.setattr(kernels, "_spmm_tiled", spy)
+
+    def path(x, p):
+        tiled.clear()
+        native_calls.outer.clear()
+        kernels.spmm(x, p)
+        return "tiled" if tiled else "outer" if native_calls.outer and native_calls.outer[-1] else "kernel"
+
+    sparse = {dtype: kernels.pack(sparse_weight(40, 64, 0.7, dtype)) for dtype in DTYPES}
+    half = kernels.pack(sparse_weight(40, 64, 0.5, torch.bfloat16))
+    denser = kernels.pack(sparse_weight(40, 64, 0.4, torch.bfloat16))
+    full = kernels.pack(torch.randn(40, 64) + 10.0, "int8")
+    assert max(p.density for p in sparse.values()) < 0.45 < half.density < 0.55 < denser.density < 0.75 and full.full
+    first, rows = kernels.OUTER_ROWS, kernels.PREFILL_ROWS
+    for isa in NATIVE:
+        kernels.set_isa(isa)
+        avx512 = isa == "avx512"
+        outer = "outer" if avx512 else "kernel"
+        for dtype in DTYPES:
+            assert path(torch.randn(first - 1, 64).to(dtype), sparse[dtype]) == "kernel"
+            assert path(torch.randn(first, 64).to(dtype), sparse[dtype]) == outer
+            assert path(torch.randn(600, 64).to(dtype), sparse[dtype]) == ("outer" if avx512 else "tiled")
+        assert path(torch.randn(rows[torch.bfloat16] - 1, 64).bfloat16(), denser) == outer
+        assert path(torch.randn(rows[torch.bfloat16], 64).bfloat16(), denser) == "tiled"
+        assert path(torch.randn(600, 64), denser) == ("outer" if avx512 else "tiled")  # fp32 x: fp32 tiles
+        assert path(torch.randn(127, 64).bfloat16(), half) == ("outer" if avx512 else "tiled")
+        assert path(torch.randn(128, 64).bfloat16(), half) == "tiled"
+        codes = kernels.pack(kernels.unpack(half), "int8")
+        assert path(torch.randn(600, 64).bfloat16(), codes) == ("outer" if avx512 else "tiled")
+        assert path(torch.randn(rows[torch.float32] - 1, 64), full) == "kernel"
+        assert path(torch.randn(rows[torch.float32], 64), full) == "tiled"
+        columns = kernels.to_layout(sparse[torch.float32], "columns")
+        assert path(torch.randn(first, 64), columns) == "kernel"
+        assert path(torch.randn(rows[torch.float32], 64), columns) == "tiled"
+
+
+@needs_native
+@pytest.mark.parametrize("values", [None, "int8"])
+def test_outer_products_never_touch_pruned_weights(values, native_calls):
+    """Outer products multiply stored weights only: a NaN input reaches exactly the outputs whose rows store its
+    column, or in the bf16 pair form its pair of columns (the dense product, and the inner-product kernel's
+    expanded zeros, spread it to every output); the other tokens are untouched and exact. bf16 results round NaN
+    to the canonical quiet NaN."""
+    kernels.set_outer_rows(1)
+    weight = sparse_weight(20, 40, 0.6)
+    p = kernels.pack(weight, values)
+    for dtype in DTYPES:
+        x = torch.randn(17, 40).to(dtype)
+        x[5, 7] = float("nan")
+        y = kernels.spmm(x, p)
+        if not native_calls.outer[-1]:
+            continue
+        pairs = dtype == torch.bfloat16 and values == "int8" and kernels._native.cpu_features() & 4
+        reached = (weight[:, 7] != 0) | ((weight[:, 6] != 0) if pairs else False)
+        assert torch.equal(y[5].isnan(), reached)
+        others = torch.cat([x[:5], x[6:]])
+        assert_close_to_truth(torch.cat([y[:5], y[6:]]), others, kernels.unpack(p), None)
+        if dtype == torch.bfloat16:
+            assert set(y[5][y[5].isnan()].view(torch.int16).tolist()) == {0x7FC0}
+
+
+def test_outer_rows_setting():
+    assert kernels.outer_rows() == kernels.OUTER_ROWS
+    kernels.set_outer_rows(3)
+    assert kernels.outer_rows() == 3
+    with pytest.raises(ValueError, match="positive integer"):
+        kernels.set_outer_rows(0)
+    kernels.set_outer_rows(None)
+    assert kernels.outer_rows() == kernels.OUTER_ROWS
+    never = kernels.isa() == "avx512"
+    assert kernels.prefill_rows(torch.float32, 0.3) == (kernels.NEVER if never else kernels.PREFILL_ROWS[torch.float32])
 
 
 # ---------------------------------------------------------------------------------------------- column layout

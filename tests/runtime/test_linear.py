@@ -83,6 +83,38 @@ def test_to_sparse_linears_matches_dense_masked(family, dtype):
         assert torch.equal(timing.generate(dense, ids[:1], 10), timing.generate(sparse, ids[:1], 10))
 
 
+@pytest.mark.parametrize("values", [None, "int8"], ids=["float", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_by_outer_products_keeps_the_logits(dtype, values, monkeypatch):
+    """A 2 x 75-token prompt (150 rows a linear: two blocks of 64 tokens and a ragged one) through the kernel's
+    default prefill path, with q/k/v and gate/up fused: on AVX-512 outer products (the bf16 pair form for bf16
+    activations), never tiles at 70%. The logits are the dense masked model's, to fp32 accumulation error in fp32;
+    with int8 values, the same model on the inner-product kernel (token by token) to fp32 accumulation error."""
+    from secateurs.runtime.fused import fuse_shared_inputs
+
+    dense = pruned_tiny("llama", dtype)
+    sparse = copy.deepcopy(dense)
+    to_sparse_linears(sparse)
+    if values:
+        for m in sparse.modules():
+            if isinstance(m, SparseLinear):
+                m.packed = kernels.pack(kernels.unpack(m.packed), values)
+    fuse_shared_inputs(sparse)
+    if kernels.isa() == "avx512":
+        monkeypatch.setattr(kernels, "_spmm_tiled", None)  # (never called)
+    ids = torch.randint(0, VOCAB, (2, 75))
+    with torch.no_grad():
+        got = sparse(ids).logits
+        if values is None:
+            torch.testing.assert_close(got.float(), dense(ids).logits.float(), **tolerance(dtype))
+        kernels.set_outer_rows(kernels.NEVER)
+        try:
+            blocks = sparse(ids).logits
+        finally:
+            kernels.set_outer_rows(None)
+    torch.testing.assert_close(got.float(), blocks.float(), **tolerance(dtype))
+
+
 def test_to_sparse_linears_threshold_and_dense_models():
     model = pruned_tiny("opt", exclude=["*.fc2"], sparsity=0.5)
     summary = to_sparse_linears(model, min_sparsity=0.3)

@@ -29,7 +29,33 @@ struct Problem {
     float* y;                    // [m, y_stride] fp32
     int64_t y_stride;
     bool dense = false;          // every weight stored (full mask): the values are the rows themselves
+    const float* xt = nullptr;   // AVX-512 outer-product path (prefill): x transposed by transpose_x_avx512
+    const uint16_t* x16 = nullptr;  // its bf16 pair form: the bf16 activations [m, x_stride] (x is then unused)
+    uint16_t* y16 = nullptr;        // outer products with a bf16 result: y [m, y_stride] rounded to bf16 (y unused)
 };
+
+// The outer-product (row-wise) path for many tokens, AVX-512 only: x is first transposed into blocks of
+// kOuterTokens tokens, xt[b][j][t] = x[b * kOuterTokens + t][j] (zeros past the last token), so each stored weight
+// W[o, j] multiplies the contiguous tokens of input j: y[t, o] += W[o, j] * xt[b][j][t] for t in the block. The work
+// is proportional to the stored weights, not to in. With x16 set (bf16 activations, bf16 or int8 values) the pair
+// form: xt[b][q][t] holds the bf16 inputs 2q and 2q + 1 of token t side by side (32 bits, the odd one zero past
+// the row) and each pair of a row with a stored weight costs one vdpbf16ps per 16 tokens (AVX512_BF16).
+// transpose_x_avx512 writes the blocks [b0, b1) of xt (outer_units(p) rows of kOuterTokens 32-bit lanes each).
+constexpr int64_t kOuterTokens = 64;
+inline int64_t outer_blocks(int64_t m) { return (m + kOuterTokens - 1) / kOuterTokens; }  // token blocks
+inline int64_t outer_units(const Problem& p) { return p.x16 ? (p.in + 1) / 2 : p.in; }
+void transpose_x_avx512(const Problem& p, int64_t b0, int64_t b1, float* xt);
+
+// Whether this build's AVX-512 kernel has the AVX512_BF16 instruction (vdpbf16ps) for the pair form (a build may
+// say 0 with -DSECATEURS_AVX512_BF16=0: bf16 activations then take the fp32 outer products).
+#if defined(SECATEURS_AVX512_BF16)
+#elif defined(__clang__)
+#define SECATEURS_AVX512_BF16 (__clang_major__ >= 9)
+#elif defined(__GNUC__)
+#define SECATEURS_AVX512_BF16 (__GNUC__ >= 10)
+#else
+#define SECATEURS_AVX512_BF16 0
+#endif
 
 void rows_scalar(const Problem& p, int64_t r0, int64_t r1);
 void rows_avx2(const Problem& p, int64_t r0, int64_t r1);

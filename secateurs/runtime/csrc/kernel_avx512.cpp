@@ -1,17 +1,27 @@
 // AVX-512 kernel (F, BW, VL, DQ, VBMI2): 16 columns at a time, the row's 16 mask bits expand the next packed
-// values into place (register-form vexpandps), then one FMA per token. Compiled for these
-// instructions by the pragma below only, and called only when the CPU reports them.
+// values into place (register-form vexpandps), then one FMA per token; for many tokens, outer products (below).
+// Compiled for these instructions by the pragma below only, and called only when the CPU reports them; the
+// outer products' bf16 pair form uses AVX512_BF16 (vdpbf16ps) when the compiler knows it, and is taken only
+// on a CPU that reports it (kernel.h: SECATEURS_AVX512_BF16).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #include <string.h>
 
+#include <vector>
+
 #include "kernel.h"
 
-#if defined(__clang__)
+#if defined(__clang__) && SECATEURS_AVX512_BF16
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,fma,bmi,bmi2,popcnt"))), apply_to = function)
+#elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,bmi,bmi2,popcnt"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
+#if SECATEURS_AVX512_BF16
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,fma,bmi,bmi2,popcnt")
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,bmi,bmi2,popcnt")
+#endif
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positives inside its own _mm512_undefined_*
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
@@ -192,8 +202,261 @@ void single_token(const Problem& p, int64_t r0, int64_t r1) {
     }
 }
 
+// ------------------------------------------------------------------------------------ outer product (prefill)
+// For many tokens, the row-wise formulation whose work is proportional to the stored weights. x is transposed
+// first (transpose_x_avx512: xt[block][j][64 tokens]). A block of rows has its masks decoded once into lists of
+// stored columns (vpcompressd of a column-index vector by each 16-bit chunk of the mask: no branch per bit) and
+// the matching fp32 values; then, for each block of 64 tokens, every stored weight is broadcast and multiplied
+// with the 64 tokens of its input (four zmm loads, four FMAs), the row's weights alternating between two sets of
+// four accumulators so that eight FMA chains hide the latency. Sums land in a tile [rows][64 tokens], which is
+// transposed 16 x 16 in registers into y, scaled and biased. The inputs are walked in chunks of kOuterChunk
+// columns, each chunk of xt (32 KB) reused from L1 by the whole block of rows before the next.
+//
+// bf16 activations with bf16 or int8 values (where a dense bf16 model multiplies in bf16) take the pair form:
+// xt holds pairs of adjacent inputs (2q, 2q + 1) interleaved as bf16 per token, a row's list holds its pairs with
+// at least one stored weight (the other one zero), and one vdpbf16ps multiplies a pair with 16 tokens: fewer
+// instructions than one FMA per weight wherever stored weights share pairs, and bf16 products (exact in fp32,
+// like int8 codes, which bf16 holds exactly) accumulated in fp32.
+
+// acc + a[2i] b[2i] + a[2i + 1] b[2i + 1] in each fp32 lane i, a and b holding 32 bf16 each.
+inline __m512 dot_pairs(__m512 acc, __m512 a, __m512 b) {
+#if SECATEURS_AVX512_BF16
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else  // (never taken: the dispatcher asks for the instruction) the same products with FMAs
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m512i ai = _mm512_castps_si512(a), bi = _mm512_castps_si512(b);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(ai, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(bi, 16)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(ai, hi)), _mm512_castsi512_ps(_mm512_and_si512(bi, hi)), acc);
+#endif
+}
+
+constexpr int64_t kOuterChunk = 128;  // inputs per chunk: 128 x 64 tokens x 4 bytes = 32 KB of xt
+constexpr int kOuterRows = 64;        // rows per block
+
+// 16 vectors of 16 lanes transposed in place: r[i][j] becomes r[j][i].
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // u[4i + c]: rows 4i..4i+3 of the columns c, c + 4, c + 8, c + 12
+        u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);  // columns c, c + 8 of rows 0-7
+        const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);  // columns c + 4, c + 12 of rows 0-7
+        const __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+        r[c + 8] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+        r[c + 4] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+        r[c + 12] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    }
+}
+
+// out[0..16 NV) (tokens) = (first ? 0 : out) + sum over the n entries w[k] * xb[idx[k] .. + 16 NV): an FMA per
+// weight, or in the pair form a vdpbf16ps per pair (w[k] two bf16 weights, xb pairs of bf16 inputs per token).
+// S interleaved sets of accumulators, so that S * NV >= 8 chains are in flight.
+template <int NV, bool Pairs>
+__attribute__((always_inline)) inline void outer_row(const int32_t* idx, const void* wv, int64_t n, const void* xv,
+                                                      float* out, bool first) {
+    constexpr int S = NV <= 2 ? 4 : 2;
+    const float* w = static_cast<const float*>(wv);  // (the pair form reads the same 32 bits as two bf16)
+    const float* xb = static_cast<const float*>(xv);
+    __m512 a[S][NV];
+    for (int v = 0; v < NV; ++v) a[0][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(out + 16 * v);
+    for (int s = 1; s < S; ++s)
+        for (int v = 0; v < NV; ++v) a[s][v] = _mm512_setzero_ps();
+    auto step = [&](__m512* acc, int64_t k) {
+        const __m512 ws = _mm512_set1_ps(w[k]);
+        const float* xs = xb + idx[k];
+        for (int v = 0; v < NV; ++v) {
+            if constexpr (Pairs)
+                acc[v] = dot_pairs(acc[v], ws, _mm512_load_ps(xs + 16 * v));
+            else
+                acc[v] = _mm512_fmadd_ps(ws, _mm512_load_ps(xs + 16 * v), acc[v]);
+        }
+    };
+    int64_t k = 0;
+    for (; k + S <= n; k += S)
+        for (int s = 0; s < S; ++s) step(a[s], k + s);
+    for (int s = 1; s < S && k + s - 1 < n; ++s) step(a[s], k + s - 1);  // the last n % S, one to each other set
+    for (int v = 0; v < NV; ++v) {
+        __m512 sum = a[0][v];
+        for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, a[s][v]);
+        _mm512_store_ps(out + 16 * v, sum);
+    }
+}
+
+struct OuterScratch {
+    std::vector<int32_t> idx;     // per block of rows: each row's stored columns (or pairs) times kOuterTokens
+    std::vector<float> values;    // their fp32 values (or bf16 pairs), unless the packed values serve as they are
+    std::vector<int64_t> starts;  // [row][chunk + 1]: where each chunk of each row starts in idx
+    std::vector<float> tile;      // [kOuterRows][kOuterTokens] sums (64-byte aligned)
+};
+
+thread_local OuterScratch t_outer;
+
+template <typename T>
+T* grown(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+}
+
+// 16 floats rounded to bf16 as module.cpp's float_to_bf16 (to nearest even; NaN the canonical quiet NaN).
+inline __m256i to_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    h = _mm512_mask_mov_epi32(h, nan, _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(h);
+}
+
+// The tile's rows [0, rows) and NV * 16 tokens from t0 into y (or y16) transposed 16 x 16, scaled and biased.
+template <int VT, int NV>
+void write_tile(const Problem& p, int64_t o0, int rows, int64_t t0, const float* tile) {
+    for (int g = 0; g < rows; g += 16) {
+        const int n = rows - g < 16 ? rows - g : 16;
+        const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
+        const int64_t o = o0 + g;
+        const __m512 scale = VT == kI8 ? _mm512_maskz_loadu_ps(lanes, p.scales + o) : _mm512_set1_ps(1.0f);
+        const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(lanes, p.bias + o) : _mm512_setzero_ps();
+        for (int q = 0; q < NV; ++q) {
+            const int64_t t = t0 + 16 * q;
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i)
+                r[i] = i < n ? _mm512_load_ps(tile + (g + i) * kOuterTokens + 16 * q) : _mm512_setzero_ps();
+            transpose16(r);
+            const int valid = p.m - t < 16 ? static_cast<int>(p.m - t) : 16;
+            for (int i = 0; i < valid; ++i) {
+                const __m512 v = _mm512_fmadd_ps(r[i], scale, bias);
+                if (p.y16)
+                    _mm256_mask_storeu_epi16(p.y16 + (t + i) * p.y_stride + o, lanes, to_bf16(v));
+                else
+                    _mm512_mask_storeu_ps(p.y + (t + i) * p.y_stride + o, lanes, v);
+            }
+        }
+    }
+}
+
+template <int VT, bool Pairs, int NV>
+void outer_tile(const Problem& p, int64_t o0, int rows, int64_t nk, const int32_t* idx, const float* w,
+                const int64_t* starts, const float* xb, int64_t t0, float* tile) {
+    for (int64_t kc = 0; kc < nk; ++kc)
+        for (int r = 0; r < rows; ++r) {
+            const int64_t* s = starts + r * (nk + 1) + kc;
+            outer_row<NV, Pairs>(idx + s[0], w + s[0], s[1] - s[0], xb, tile + r * kOuterTokens, kc == 0);
+        }
+    write_tile<VT, NV>(p, o0, rows, t0, tile);
+}
+
+// The mask bits of 16-column group g of a row (the last group's bits past the row cleared).
+inline uint32_t group_bits(const uint8_t* mrow, int64_t g, int64_t full, int rem) {
+    if (g < full) return bits16(mrow + 2 * g);
+    uint32_t bits = mrow[2 * full];
+    if (rem > 8) bits |= static_cast<uint32_t>(mrow[2 * full + 1]) << 8;
+    return bits & ((1u << rem) - 1);
+}
+
+// The pairs of group g that hold a stored weight, compressed to the front: their bf16 weights (the even column's
+// in the low half) into w, their pair offsets (times kOuterTokens) into idx; returns how many.
+template <int VT>
+inline int decode_pairs(const void* values, int64_t pos, uint32_t bits, int64_t g, float* w, int32_t* idx) {
+    const __m512i e = _mm512_castps_si512(expand16<VT>(values, pos, static_cast<__mmask16>(bits)));
+    // each 64-bit lane holds the fp32 of columns 2i (low) and 2i + 1 (high), exact bf16 values: keep their top halves
+    const __m512i d = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi64(e, 16), _mm512_set1_epi64(0xFFFF)),
+                                      _mm512_and_si512(_mm512_srli_epi64(e, 32), _mm512_set1_epi64(0xFFFF0000LL)));
+    const __m256i pairs = _mm512_cvtepi64_epi32(d);
+    const __mmask8 used = static_cast<__mmask8>(_pext_u32(bits | (bits >> 1), 0x5555));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i cols = _mm256_mullo_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(8 * g))),
+                                            _mm256_set1_epi32(static_cast<int>(kOuterTokens)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w), _mm256_maskz_compress_epi32(used, pairs));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx), _mm256_maskz_compress_epi32(used, cols));
+    return __builtin_popcount(used);
+}
+
+template <int VT, bool Pairs>
+void outer_rows(const Problem& p, int64_t r0, int64_t r1) {
+    const int64_t full = p.in >> 4;
+    const int rem = static_cast<int>(p.in & 15);
+    const int64_t groups = full + (rem ? 1 : 0);
+    constexpr int64_t per_chunk = (Pairs ? 2 * kOuterChunk : kOuterChunk) / 16;  // xt's bytes per chunk alike
+    const int64_t nk = groups ? (groups + per_chunk - 1) / per_chunk : 1;
+    const int64_t units = Pairs ? (p.in + 1) / 2 : p.in;  // xt's rows per token block
+    const int64_t nb = outer_blocks(p.m);
+    OuterScratch& s = t_outer;
+    int64_t* starts = grown(s.starts, static_cast<size_t>(kOuterRows * (nk + 1)));
+    float* tile = grown(s.tile, static_cast<size_t>(kOuterRows * kOuterTokens + 16));
+    tile = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tile) + 63) & ~uintptr_t{63});
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(kOuterTokens)));
+    const __m512i step = _mm512_set1_epi32(static_cast<int>(16 * kOuterTokens));
+    for (int64_t o0 = r0; o0 < r1; o0 += kOuterRows) {
+        const int rows = static_cast<int>(r1 - o0 < kOuterRows ? r1 - o0 : kOuterRows);
+        const int64_t base = p.row_offsets[o0];
+        const int64_t count = p.row_offsets[o0 + rows] - base;
+        int32_t* idx = grown(s.idx, static_cast<size_t>(count + 16));
+        float* wbuf = VT == kF32 && !Pairs ? nullptr : grown(s.values, static_cast<size_t>(count + 16));
+        // decode: each row's list (times kOuterTokens, the stride of xt) and where its chunks start
+        int64_t n = 0, pos = base;
+        for (int r = 0; r < rows; ++r) {
+            const uint8_t* mrow = p.mask + (o0 + r) * p.mask_stride;
+            int64_t* st = starts + r * (nk + 1);
+            __m512i cols = lane;
+            for (int64_t g = 0; g < groups; ++g) {
+                if (g % per_chunk == 0) st[g / per_chunk] = n;
+                const uint32_t bits = group_bits(mrow, g, full, rem);
+                if constexpr (Pairs) {
+                    n += decode_pairs<VT>(p.values, pos, bits, g, wbuf + n, idx + n);
+                } else {
+                    _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(static_cast<__mmask16>(bits), cols));
+                    n += __builtin_popcount(bits);
+                    cols = _mm512_add_epi32(cols, step);
+                }
+                pos += __builtin_popcount(bits);
+            }
+            if (groups == 0) st[0] = n;
+            st[nk] = n;
+        }
+        const float* w = wbuf;
+        if (!Pairs && VT == kF32) {  // the packed values, in the very order of the lists
+            w = static_cast<const float*>(p.values) + base;
+        } else if (!Pairs) {  // widened once for all the token blocks (int8 codes unscaled: the scale multiplies sums)
+            for (int64_t k = 0; k < count; k += 16) _mm512_storeu_ps(wbuf + k, load16<VT>(p.values, base + k));
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t t0 = b * kOuterTokens;
+            const float* xb = p.xt + b * units * kOuterTokens;
+            const int64_t left = p.m - t0;
+            switch (left >= kOuterTokens ? 4 : static_cast<int>((left + 15) / 16)) {
+                case 1: outer_tile<VT, Pairs, 1>(p, o0, rows, nk, idx, w, starts, xb, t0, tile); break;
+                case 2: outer_tile<VT, Pairs, 2>(p, o0, rows, nk, idx, w, starts, xb, t0, tile); break;
+                case 3: outer_tile<VT, Pairs, 3>(p, o0, rows, nk, idx, w, starts, xb, t0, tile); break;
+                default: outer_tile<VT, Pairs, 4>(p, o0, rows, nk, idx, w, starts, xb, t0, tile); break;
+            }
+        }
+    }
+}
+
 template <int VT, bool Dense>
 void rows_of(const Problem& p, int64_t r0, int64_t r1) {
+    if (p.xt) {
+        if constexpr (VT != kF32) {
+            if (p.x16) {
+                outer_rows<VT, true>(p, r0, r1);
+                return;
+            }
+        }
+        outer_rows<VT, false>(p, r0, r1);
+        return;
+    }
     if (p.m == 1) {
         single_token<VT, Dense>(p, r0, r1);
         return;
@@ -308,6 +571,36 @@ void unpack_avx512(const Problem& p, int64_t r0, int64_t r1, void* dst) {
     }
 }
 
+void transpose_x_avx512(const Problem& p, int64_t b0, int64_t b1, float* xt) {
+    // 16 tokens x 16 units (fp32 inputs, or pairs of bf16 inputs as 32-bit lanes) at a time, transposed in registers
+    const bool pairs = p.x16 != nullptr;
+    const int64_t units = pairs ? (p.in + 1) / 2 : p.in;
+    for (int64_t b = b0; b < b1; ++b) {
+        float* dst = xt + b * units * kOuterTokens;
+        for (int q = 0; q < kOuterTokens / 16; ++q) {
+            const int64_t t0 = b * kOuterTokens + 16 * q;
+            const int valid = p.m - t0 >= 16 ? 16 : p.m - t0 > 0 ? static_cast<int>(p.m - t0) : 0;
+            for (int64_t u0 = 0; u0 < units; u0 += 16) {
+                const int n = units - u0 < 16 ? static_cast<int>(units - u0) : 16;
+                __m512 r[16];
+                if (pairs) {  // bf16 inputs 2 u0 .. 2 u0 + 31 of each token, those past the row read as zero
+                    const int64_t cols = p.in - 2 * u0 < 32 ? p.in - 2 * u0 : 32;
+                    const __mmask32 lanes = static_cast<__mmask32>(cols == 32 ? ~0u : (1u << cols) - 1);
+                    for (int i = 0; i < 16; ++i)
+                        r[i] = i < valid ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(lanes, p.x16 + (t0 + i) * p.x_stride + 2 * u0))
+                                         : _mm512_setzero_ps();
+                } else {
+                    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
+                    for (int i = 0; i < 16; ++i)
+                        r[i] = i < valid ? _mm512_maskz_loadu_ps(lanes, p.x + (t0 + i) * p.x_stride + u0) : _mm512_setzero_ps();
+                }
+                transpose16(r);
+                for (int c = 0; c < n; ++c) _mm512_store_ps(dst + (u0 + c) * kOuterTokens + 16 * q, r[c]);
+            }
+        }
+    }
+}
+
 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
     switch (p.values_type) {
         case kBF16: all_rows<kBF16>(p, r0, r1); break;
@@ -330,5 +623,6 @@ namespace secateurs {
 void rows_avx512(const Problem&, int64_t, int64_t) {}
 void cols_avx512(const ColumnProblem&) {}
 void unpack_avx512(const Problem&, int64_t, int64_t, void*) {}
+void transpose_x_avx512(const Problem&, int64_t, int64_t, float*) {}
 }  // namespace secateurs
 #endif

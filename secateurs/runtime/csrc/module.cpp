@@ -41,6 +41,9 @@ int cpu_features_bits() {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vbmi2"))
         bits |= 2;
+#if SECATEURS_AVX512_BF16
+    if ((bits & 2) && __builtin_cpu_supports("avx512bf16")) bits |= 4;
+#endif
     return bits;
 #else
     return 0;
@@ -74,6 +77,7 @@ struct Job {
     const ColumnProblem* columns = nullptr;  // a column-layout job: part i adds its active columns into y_parts[i]
     float* y_parts = nullptr;
     int64_t y_stride = 0;
+    float* xt_dst = nullptr;  // a transposition job: token blocks [bounds[i], bounds[i + 1]) of x written here
     int64_t bounds[kMaxThreads * kChunksPerThread + 1];
 };
 
@@ -98,6 +102,10 @@ void run_part(const Job& job, int part) {
     const int64_t r0 = job.bounds[part], r1 = job.bounds[part + 1];
     if (r0 >= r1) return;
     const Problem& p = job.problem;
+    if (job.xt_dst) {
+        transpose_x_avx512(p, r0, r1, job.xt_dst);
+        return;
+    }
     if (job.unpack_dst) {
         void* dst = job.unpack_dst + r0 * p.in * job.unpack_elem;
         switch (job.isa) {
@@ -273,10 +281,11 @@ void compute(Job& job, int threads) {
     g_pool->run(job, parts, chunks);
 }
 
-// Scratch kept per calling thread: fp32 copies of bf16 activations / bias, fp32 output before rounding to bf16;
-// for the column layout the active columns, their inputs and each part's partial output.
+// Scratch kept per calling thread: fp32 copies of bf16 activations / bias, fp32 output before rounding to bf16,
+// x transposed for the outer-product path; for the column layout the active columns, their inputs and each
+// part's partial output.
 struct Scratch {
-    std::vector<float> x, bias, y, xa, y_parts;
+    std::vector<float> x, bias, y, xa, y_parts, xt;
     std::vector<int32_t> active;
 };
 thread_local Scratch t_scratch;
@@ -288,6 +297,29 @@ float* scratch(std::vector<float>& v, size_t n) {
     if (v.size() < n + kAlign) v.resize(n + kAlign);
     const auto address = reinterpret_cast<uintptr_t>(v.data());
     return v.data() + ((64 - address % 64) % 64) / sizeof(float);
+}
+
+// x transposed into token blocks for the outer-product path, the blocks split over the pool.
+const float* transposed_x(const Job& job, int threads, Scratch& s) {
+    const Problem& p = job.problem;
+    const int64_t blocks = outer_blocks(p.m);
+    float* xt = scratch(s.xt, static_cast<size_t>(blocks * outer_units(p) * kOuterTokens));
+    Job t;
+    t.problem = p;
+    t.isa = job.isa;
+    t.y_bf16 = nullptr;
+    t.xt_dst = xt;
+    int parts = static_cast<int>(std::min<int64_t>({threads, kMaxThreads, blocks}));
+    std::unique_lock<std::mutex> lock(g_pool_mutex, std::defer_lock);
+    if (parts > 1 && !lock.try_lock()) parts = 1;
+    for (int i = 0; i <= parts; ++i) t.bounds[i] = blocks * i / parts;
+    if (parts <= 1) {
+        run_part(t, 0);
+    } else {
+        if (!g_pool) g_pool = new Pool(g_spin_us);
+        g_pool->run(t, parts, parts);
+    }
+    return xt;
 }
 
 // ------------------------------------------------------------------------------------------- Python
@@ -351,13 +383,14 @@ const float* fp32_bias(const SpmmArgs& a, Scratch& s) {
 
 PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     // mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, threads,
-    // scales
-    if (nargs != 16) {
-        PyErr_Format(PyExc_TypeError, "spmm takes 16 integer arguments, got %zd", nargs);
+    // scales, outer
+    if (nargs != 17) {
+        PyErr_Format(PyExc_TypeError, "spmm takes 17 integer arguments, got %zd", nargs);
         return nullptr;
     }
     SpmmArgs a;
-    if (!spmm_args(args, a)) return nullptr;
+    int outer_arg;
+    if (!spmm_args(args, a) || !arg(args[16], &outer_arg)) return nullptr;
     const void *mask = a.mask, *values = a.values, *offsets = a.offsets, *x = a.x, *y = a.y, *scales = a.scales;
     const int values_dtype = a.values_dtype, x_dtype = a.x_dtype, isa = a.isa, threads = a.threads;
     const int64_t out = a.out, in = a.in, x_stride = a.x_stride, m = a.m;
@@ -381,7 +414,12 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_BEGIN_ALLOW_THREADS
     try {
     Scratch& s = t_scratch;
-    if (x_dtype == 1) {  // bf16 activations: widen once per call, not once per row
+    const bool outer = outer_arg && isa == kAvx512;
+    if (outer && x_dtype == 1 && values_dtype != kF32 && (kFeatures & 4)) {  // the bf16 pair form reads x as it is
+        p.x = nullptr;
+        p.x16 = static_cast<const uint16_t*>(x);
+        p.x_stride = x_stride;
+    } else if (x_dtype == 1) {  // bf16 activations: widen once per call, not once per row
         float* xf = scratch(s.x, static_cast<size_t>(m * in));
         const uint16_t* xh = static_cast<const uint16_t*>(x);
         for (int64_t t = 0; t < m; ++t)
@@ -393,7 +431,10 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         p.x_stride = x_stride;
     }
     p.bias = fp32_bias(a, s);
-    if (x_dtype == 1) {
+    if (x_dtype == 1 && outer) {  // outer products round their sums to bf16 as they write them
+        p.y16 = static_cast<uint16_t*>(const_cast<void*>(y));
+        job.y_bf16 = nullptr;
+    } else if (x_dtype == 1) {
         p.y = scratch(s.y, static_cast<size_t>(m * out));
         job.y_bf16 = static_cast<uint16_t*>(const_cast<void*>(y));
     } else {
@@ -401,6 +442,7 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         job.y_bf16 = nullptr;
     }
     p.y_stride = out;
+    if (outer) p.xt = transposed_x(job, threads, s);
     compute(job, threads);
     } catch (const std::bad_alloc&) {
         no_memory = true;
@@ -601,8 +643,9 @@ PyObject* py_spin_us(PyObject*, PyObject*) { return PyLong_FromLongLong(g_spin_u
 PyMethodDef kMethods[] = {
     {"spmm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_spmm)), METH_FASTCALL,
      "spmm(mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, "
-     "threads, scales): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, codes); "
-     "values_dtype 2 (int8) takes per-row float32 scales, else scales is 0."},
+     "threads, scales, outer): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, "
+     "codes); values_dtype 2 (int8) takes per-row float32 scales, else scales is 0; outer 1: the AVX-512 kernel "
+     "multiplies by outer products (many tokens; ignored by the other ISAs)."},
     {"spmm_columns", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_spmm_columns)), METH_FASTCALL,
      "spmm_columns(mask, values, values_dtype, col_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, "
      "isa, threads, scales, threshold): y = x' @ W.T (+ bias) for a weight packed column by column (W^T's rows), "
@@ -610,7 +653,8 @@ PyMethodDef kMethods[] = {
     {"unpack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_unpack)), METH_FASTCALL,
      "unpack(mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa, threads): rows [r0, r1) of "
      "a packed weight written dense into dst (float32; bfloat16 for bfloat16 values), on the kernel's threads."},
-    {"cpu_features", py_cpu_features, METH_NOARGS, "Bit 0: AVX2+FMA; bit 1: AVX-512 F/BW/VL/DQ/VBMI2."},
+    {"cpu_features", py_cpu_features, METH_NOARGS,
+     "Bit 0: AVX2+FMA; bit 1: AVX-512 F/BW/VL/DQ/VBMI2; bit 2: AVX512_BF16 too (and this build uses it)."},
     {"set_spin_us", py_set_spin_us, METH_O, "How long idle workers spin (microseconds) before they sleep."},
     {"spin_us", py_spin_us, METH_NOARGS, "How long idle workers spin (microseconds) before they sleep."},
     {nullptr, nullptr, 0, nullptr},
