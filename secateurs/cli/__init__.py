@@ -388,16 +388,17 @@ def cmd_prune(args) -> dict:
                 if args.int8_rounding == "gptq":
                     log.info("a streamed prune rounds int8 codes to nearest (GPTQ rounding needs the model in memory)")
             writing.save_report(out)
+    codes = None
+    if output and streamed is None and args.save_format == "sparse-int8":
+        out["int8_rounding"] = args.int8_rounding
+        if args.int8_rounding == "gptq":  # on every rank: each sums x xᵀ over its windows, then they are added up
+            from secateurs.oneshot.quantize import int8_codes
+
+            log.info("int8 codes by GPTQ rounding on the calibration windows")
+            windows = calibration.windows(tokenizer)
+            codes = int8_codes(model, windows[ranks.share(len(windows))], device, progress=not args.quiet)
     if output and ranks.main:
         if streamed is None:
-            codes = None
-            if args.save_format == "sparse-int8":
-                out["int8_rounding"] = args.int8_rounding
-                if args.int8_rounding == "gptq":
-                    from secateurs.oneshot.quantize import int8_codes
-
-                    log.info("int8 codes by GPTQ rounding on the calibration windows")
-                    codes = int8_codes(model, calibration.windows(tokenizer), device, progress=not args.quiet)
             model.to(torch.device("cpu"))
             save_pruned(
                 model,

@@ -121,6 +121,25 @@ def test_torchrun_cli_prune_writes_the_single_process_output(tiny_model_dir, tex
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # nothing else written by rank 1
 
 
+def test_torchrun_gptq_int8_codes_are_those_of_one_process(tiny_model_dir, text_file, tmp_path):
+    """GPTQ rounding under torchrun: every rank sums x xᵀ over its windows, the sums are added, rank 0 writes."""
+    common = ["--method", "wanda", "--sparsity", "0.5", "--calibration", text_file, "--nsamples", "3"]
+    common += ["--seqlen", "32", "--eval", "none", "--device", "cpu", "--quiet", "--save-format", "sparse-int8"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    done = torchrun("-m", "secateurs", "prune", tiny_model_dir, *common, "--output", two)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert cli.main(["prune", str(tiny_model_dir), *map(str, common), "--output", str(one)]) == 0
+    from safetensors import safe_open
+
+    with (
+        safe_open(str(one / "model.sparse.safetensors"), "pt") as a,
+        safe_open(str(two / "model.sparse.safetensors"), "pt") as b,
+    ):  # (the header's metadata is a map: its order on disk may differ between processes)
+        assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+    assert json.loads((two / "report.json").read_text())["int8_rounding"] == "gptq"
+
+
 def test_one_process_sums_are_untouched_and_shares_cover_every_window():
     stats = InputStats()
     stats.add(torch.ones(1, 3, 4), {"sq_norm"})
