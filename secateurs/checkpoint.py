@@ -340,8 +340,8 @@ def compress(
     ``low_memory``: read, pack and write one decoder layer at a time into sparse shards
     (:func:`secateurs.oneshot.streaming.compress_streamed`); None chooses it when the source's weights would not fit
     in the free memory. ``calibration`` (with int8 values; a :class:`secateurs.data.calibration.Calibration` or a
-    source name): the int8 codes are chosen by GPTQ rounding on that text (:mod:`secateurs.format.int8`) rather than
-    by rounding to nearest; it needs the model in memory.
+    source name): the int8 codes are chosen by GPTQ rounding on that text (:mod:`secateurs.oneshot.quantize`)
+    rather than by rounding to nearest; it needs the model in memory.
     """
     src = Path(src_dir).expanduser()
     if not (src / "config.json").is_file():

@@ -87,18 +87,29 @@ def break_even_sparsity(itemsize: int) -> float:
     return 1.0 / (8 * itemsize)
 
 
+def row_scales(weight: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """The int8 scale of each row: max |W[o, stored]| / 127 (1 for a row with nothing stored)."""
+    w = weight.detach().float()
+    if w.shape[1] == 0:
+        return torch.ones(w.shape[0])
+    amax = torch.where(stored, w.abs(), torch.zeros_like(w)).amax(dim=1)
+    return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).contiguous()
+
+
+def round_codes(weight: torch.Tensor, stored: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Codes (as floats) of ``weight`` [rows, k] at ``scales`` [rows]: round to nearest, clamped to [-127, 127]; a
+    stored weight that would round to 0 gets ±1 of its sign (a stored -0.0 stays 0), an entry not stored 0."""
+    w = weight.detach().float()
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127)
+    sign = torch.where(torch.signbit(w), -1.0, 1.0)
+    q = torch.where(stored & (q == 0) & (w != 0), sign, q)
+    return torch.where(stored, q, torch.zeros_like(q))
+
+
 def quantize_rows(weight: torch.Tensor, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [out, in], scales float32 [out]): symmetric round-to-nearest with one scale per row,
     scale = max |W[o, :]| / 127, q = round(W / scale) clamped to [-127, 127]. A stored weight that would round to
     0 gets the code ±1 of its sign, so the set of stored weights (the mask, every row's and N:M group's count) is
     exactly the unquantised one; entries not ``stored`` are 0."""
-    w = weight.detach().float()
-    if w.shape[1] == 0:
-        return torch.zeros(w.shape, dtype=torch.int8), torch.ones(w.shape[0])
-    amax = torch.where(stored, w.abs(), torch.zeros_like(w)).amax(dim=1)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127)
-    sign = torch.where(torch.signbit(w), -1.0, 1.0)
-    q = torch.where(stored & (q == 0) & (w != 0), sign, q)  # (a stored -0.0 stays 0)
-    q = torch.where(stored, q, torch.zeros_like(q))
-    return q.to(torch.int8), scales.contiguous()
+    scales = row_scales(weight, stored)
+    return round_codes(weight, stored, scales).to(torch.int8), scales

@@ -97,7 +97,7 @@ class PackedTensor:
         cls, weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, transposed: bool = False
     ) -> PackedTensor:
         """Pack ``weight`` as :meth:`from_weight` with ``values="int8"`` would, but with int8 ``codes`` [out, in] and
-        float32 ``scales`` [out] chosen elsewhere (e.g. :func:`secateurs.format.int8.gptq_codes`); the mask is the
+        float32 ``scales`` [out] chosen elsewhere (e.g. :func:`secateurs.oneshot.quantize.gptq_codes`); the mask is the
         weight's own, and ``codes`` must be 0 wherever it stores nothing."""
         weight = weight.detach().contiguous()
         view = None

@@ -10,10 +10,9 @@ from conftest import run_main, save_tiny_model_dir, tiny_model
 
 import secateurs
 from secateurs.errors import SecateursError
-from secateurs.format.bits import quantize_rows, stored_bits
-from secateurs.format.int8 import gptq_codes, reconstruction_error, row_scales
+from secateurs.format.bits import quantize_rows, row_scales, stored_bits
 from secateurs.format.sparse import PackedTensor
-from secateurs.oneshot.quantize import int8_codes
+from secateurs.oneshot.quantize import gptq_codes, int8_codes, reconstruction_error
 
 
 def _pruned(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
