@@ -89,10 +89,8 @@ def collect(
         packable = dtype_name(W.dtype) in PACKABLE_DTYPES
         if wanted and not shared and packable:
             transposed = not isinstance(module, nn.Linear) and not is_conv(module)
-            if values == "int8" and codes and name in codes:
-                packed = PackedTensor.from_codes(W.cpu(), *codes[name], transposed=transposed)
-            else:
-                packed = PackedTensor.from_weight(W.cpu(), transposed=transposed, values=values)
+            given = codes.get(name) if codes and values == "int8" else None
+            packed = PackedTensor.from_weight(W.cpu(), transposed=transposed, values=values, codes=given)
             add_packed(name, packed, W.element_size())
             continue
         if wanted and not shared:

@@ -58,6 +58,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _checked_codes(weight: torch.Tensor, bits: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor):
+    """(codes, scales) on the CPU, once they fit ``weight`` [out, in] and give nothing to an entry not stored."""
+    if codes.shape != weight.shape or codes.dtype != torch.int8 or scales.shape != (weight.shape[0],):
+        raise SecateursError(
+            f"int8 codes {tuple(codes.shape)} {codes.dtype} and scales {tuple(scales.shape)} do not fit a weight "
+            f"of shape {tuple(weight.shape)}"
+        )
+    codes = codes.cpu()
+    if bool(codes[~bits].any()):
+        raise SecateursError("int8 codes give a value to a weight the mask does not store")
+    return codes, scales.float().cpu().contiguous()
+
+
 @dataclass(frozen=True, eq=False)
 class PackedTensor:
     """One packed weight as the file stores it: W [out, in] as its bitmask plus exactly its nnz stored values.
@@ -75,9 +88,17 @@ class PackedTensor:
     scales: torch.Tensor | None = None  # float32 [out] when values are int8 codes
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, transposed: bool = False, values: str | None = None) -> PackedTensor:
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        transposed: bool = False,
+        values: str | None = None,
+        codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> PackedTensor:
         """Pack a CPU weight: W [out, in], or a convolution's [out, in, *kernel] as [out, in * prod(kernel)]; keep
-        the entries whose bit pattern is non-zero. ``values="int8"``: as int8 codes with per-row scales."""
+        the entries whose bit pattern is non-zero. ``values="int8"``: as int8 codes with per-row scales, rounded to
+        nearest, or ``codes`` = (int8 codes [out, in], float32 scales [out]) chosen elsewhere (e.g.
+        :func:`secateurs.oneshot.quantize.gptq_codes`; 0 wherever the weight stores nothing)."""
         weight = weight.detach().contiguous()
         view = None
         if weight.dim() > 2:
@@ -86,34 +107,11 @@ class PackedTensor:
         bits = stored_bits(weight)
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         if values == "int8":
-            q, scales = quantize_rows(weight, bits)
+            q, scales = quantize_rows(weight, bits) if codes is None else _checked_codes(weight, bits, *codes)
             return cls(pack_mask(bits), q[bits], shape, transposed, view, scales)
-        if values not in (None, dtype_name(weight.dtype)):
+        if values not in (None, dtype_name(weight.dtype)) or codes is not None:
             raise SecateursError(f"values must be int8 or the weight's own dtype, not {values!r}")
         return cls(pack_mask(bits), weight[bits], shape, transposed, view)
-
-    @classmethod
-    def from_codes(
-        cls, weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, transposed: bool = False
-    ) -> PackedTensor:
-        """Pack ``weight`` as :meth:`from_weight` with ``values="int8"`` would, but with int8 ``codes`` [out, in] and
-        float32 ``scales`` [out] chosen elsewhere (e.g. :func:`secateurs.oneshot.quantize.gptq_codes`); the mask is the
-        weight's own, and ``codes`` must be 0 wherever it stores nothing."""
-        weight = weight.detach().contiguous()
-        view = None
-        if weight.dim() > 2:
-            view = tuple(int(n) for n in weight.shape)
-            weight = weight.reshape(weight.shape[0], -1)
-        bits = stored_bits(weight)
-        if codes.shape != weight.shape or codes.dtype != torch.int8 or scales.shape != (weight.shape[0],):
-            raise SecateursError(
-                f"int8 codes {tuple(codes.shape)} {codes.dtype} and scales {tuple(scales.shape)} do not fit a weight "
-                f"of shape {tuple(weight.shape)}"
-            )
-        if bool(codes[~bits].any()):
-            raise SecateursError("int8 codes give a value to a weight the mask does not store")
-        shape = (int(weight.shape[0]), int(weight.shape[1]))
-        return cls(pack_mask(bits), codes.cpu()[bits], shape, transposed, view, scales.float().cpu().contiguous())
 
     @property
     def nnz(self) -> int:

@@ -91,9 +91,9 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="shapes"):
         gptq_codes(W, stored_bits(W), torch.eye(7))
     with pytest.raises(SecateursError, match="does not store"):
-        PackedTensor.from_codes(W, torch.ones(4, 8, dtype=torch.int8), torch.ones(4))
+        PackedTensor.from_weight(W, values="int8", codes=(torch.ones(4, 8, dtype=torch.int8), torch.ones(4)))
     with pytest.raises(SecateursError, match="do not fit"):
-        PackedTensor.from_codes(W, torch.ones(4, 7, dtype=torch.int8), torch.ones(4))
+        PackedTensor.from_weight(W, values="int8", codes=(torch.ones(4, 7, dtype=torch.int8), torch.ones(4)))
 
 
 def test_saved_codes_are_the_ones_given_and_load_back_as_their_weights(tmp_path):
