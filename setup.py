@@ -29,7 +29,7 @@ class BuildExt(build_ext):
 
 kernel = Extension(
     "secateurs._sparse_kernel",
-    sources=[f"{CSRC}/{name}.cpp" for name in ("module", "kernel_scalar", "kernel_avx2", "kernel_avx512")],
+    sources=[f"{CSRC}/{name}.cpp" for name in ("module", "kernel_scalar", "kernel_avx2", "kernel_avx512", "kernel_vnni")],
     depends=[f"{CSRC}/kernel.h"],
     language="c++",
     optional=True,

@@ -19,7 +19,14 @@ from secateurs.oneshot.result import PackedMask, PruneReport
 from secateurs.oneshot.select import NM, parse_nm
 from secateurs.oneshot.updates.admm import ADMM, ADMMGradual
 from secateurs.runtime.activation import sparsify_activations
-from secateurs.runtime.linear import SparseLinear, kernel_head, load_sparse, sparsify, to_sparse_linears
+from secateurs.runtime.linear import (
+    SparseLinear,
+    kernel_head,
+    load_sparse,
+    sparsify,
+    to_sparse_linears,
+    use_int8_activations,
+)
 
 __all__ = [
     "ADMM",
@@ -56,6 +63,7 @@ __all__ = [
     "sparsify",
     "sparsify_activations",
     "to_sparse_linears",
+    "use_int8_activations",
     "zero_shot",
     "zero_shot_streamed",
 ]

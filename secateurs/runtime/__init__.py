@@ -21,6 +21,7 @@ from secateurs.runtime.linear import (  # noqa: F401 (public names)
     load_sparse,
     sparsify,
     to_sparse_linears,
+    use_int8_activations,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "to_layout",
     "unpack",
     "sparsify_activations",
+    "use_int8_activations",
 ]

@@ -38,7 +38,14 @@ from secateurs.runtime.activation import check_sparsity, sparsify_activations
 from secateurs.runtime.cuda import to_semi_structured
 from secateurs.runtime.decode import LeanDecoder, lean_loop_seconds, why_not
 from secateurs.runtime.fused import fuse_shared_inputs
-from secateurs.runtime.linear import HEADS, SparseLinear, kernel_head, load_sparse, torch_threads
+from secateurs.runtime.linear import (
+    HEADS,
+    SparseLinear,
+    kernel_head,
+    load_sparse,
+    torch_threads,
+    use_int8_activations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,7 @@ def _load_pair(
     head=None,
     activation=None,
     fuse: bool = True,
+    int8_activations: bool = False,
 ):
     """(models by name, tokenizer, rss added by each, conversion summary); the models are ``dense`` and ``sparse``,
     and with ``activation`` (the sparse model's activation sparsity) also ``weights_only``, the same sparse weights
@@ -92,6 +100,8 @@ def _load_pair(
         summary = None
         if with_activation:
             summary = sparsify_activations(model, activation, tokenizer, kernel=True)
+        if int8_activations:
+            use_int8_activations(model)
         if fuse:
             fuse_shared_inputs(model)
         return model, tokenizer, int8, summary
@@ -137,6 +147,7 @@ def benchmark(
     activation_sparsity=None,
     fuse: bool = True,
     decoder: str = "auto",
+    int8_activations: bool = False,
 ) -> dict:
     """Measure decode and prefill tokens/s of the sparse and the dense model of ``folder``; see the module doc.
 
@@ -151,7 +162,9 @@ def benchmark(
     that share an input run as one kernel call (:func:`secateurs.runtime.fused.fuse_shared_inputs`).
     ``decoder``: the loop both models decode in: ``lean`` (:class:`secateurs.runtime.decode.LeanDecoder`, for
     Llama-family models at batch 1), ``hf`` (the model's own forward with transformers' KV cache) or ``auto``
-    (lean where it runs, else hf)."""
+    (lean where it runs, else hf). ``int8_activations``: the sparse model's int8-valued linears (and an int8 head)
+    take their inputs quantised to int8 and multiply by integer dot products
+    (:func:`secateurs.runtime.linear.use_int8_activations`)."""
     if tokens < 2 or prompt_len < 1 or batch < 1 or repeat < 1:
         raise SecateursError("need --tokens >= 2, --prompt-len >= 1, --batch >= 1 and --repeat >= 1")
     if decoder not in DECODERS:
@@ -178,7 +191,7 @@ def benchmark(
     dense_dtype = None if dense_dtype == "auto" else dense_dtype
     bandwidth = timing.read_bandwidth(device=device)
     models, _, rss, conversion = _load_pair(
-        folder, dtype, device, min_sparsity, dense_dtype, head, activation_sparsity, fuse
+        folder, dtype, device, min_sparsity, dense_dtype, head, activation_sparsity, fuse, int8_activations
     )
     sparse, dense = models["sparse"], models["dense"]
     dtype = next(sparse.parameters()).dtype
@@ -214,6 +227,7 @@ def benchmark(
         "dense_dtype": str(next(dense.parameters()).dtype).removeprefix("torch."),
         "sparse_values": values or None,
         "sparse_head": head or "as stored",
+        "int8_activations": ("vnni" if kernels.vnni_available() else "float kernel") if int8_activations else None,
         "fused_shared_inputs": fuse and device.type == "cpu",
         "threads": torch.get_num_threads(),
         "kernel_threads": kernels.num_threads(),
@@ -316,7 +330,8 @@ def format_table(r: dict) -> str:
             f"{r['dense']['linear_bytes_per_weight']:.0f} bytes per weight"
             if "linear_bytes_per_weight" in r.get("sparse", {})
             else ""
-        ),
+        )
+        + (f"; int8 activations ({r['int8_activations']})" if r.get("int8_activations") else ""),
         f"protocol: {r['protocol']}",
         _cpu_line(r),
         f"read bandwidth {r['read_bandwidth_gbps']:.1f} GB/s; greedy tokens identical: {r['same_tokens']}",
@@ -401,6 +416,12 @@ def add_parser(subparsers, name: str) -> None:
         help="the sparse model also skips this fraction of each linear's inputs (thresholds calibrated on bundled "
         "text); the same weights without it are measured too",
     )
+    p.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="int8 values only: the sparse model's linears (and an int8 head) quantise their inputs to int8, one "
+        "scale per 64, and multiply by integer dot products (AVX-512 VNNI); perplexity: eval --int8-activations",
+    )
     p.add_argument("--no-micro", action="store_true", help="skip the per-shape microbenchmarks")
     p.add_argument(
         "--decoder",
@@ -457,6 +478,7 @@ def _run(args) -> dict:
         activation_sparsity=args.activation_sparsity,
         fuse=not args.no_fuse,
         decoder=args.decoder,
+        int8_activations=args.int8_activations,
     )
     if not args.json:
         print(format_table(result))

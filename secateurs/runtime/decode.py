@@ -5,8 +5,10 @@ but with 64-wide layers takes 4.6 ms a token through transformers' forward on on
 Python (about 60 operator calls a layer). :class:`LeanDecoder` runs the same computation as transformers'
 ``LlamaDecoderLayer`` with about half the calls: one fused RMS norm, rotary embedding as one multiply-add on a
 rolled copy, the KV cache preallocated and written in place, one ``scaled_dot_product_attention`` with grouped
-query heads, and each linear called directly (a :class:`~secateurs.runtime.modules.SparseLinear`, grouped with
-the linears that share its input or not, or a plain ``nn.Linear``). The model's own modules are used for the
+query heads (on the CPU in float32 whatever the model's dtype, with a float32 cache: torch's bfloat16 attention
+for one query is several times slower there), and each linear called directly (a
+:class:`~secateurs.runtime.modules.SparseLinear`, grouped with the linears that share its input or not, or a plain
+``nn.Linear``). The model's own modules are used for the
 embedding, the rotary frequencies (so every RoPE scaling transformers knows is honoured) and the LM head.
 
 Results equal transformers' to rounding (the norm and the attention sum in another order), so greedy tokens
@@ -150,8 +152,11 @@ class LeanDecoder:
             what = "its sliding window" if self.window is not None and self.max_len == self.window else "max_len"
             raise SecateursError(f"{end} tokens exceed the lean decoder's {self.max_len} ({what})")
         h = self.embed(ids)
-        if self.cache is None:
-            self._allocate(h.dtype, h.device)
+        # attention in float32 on the CPU whatever the model's dtype: torch's CPU attention for one bfloat16 query
+        # is ~5x slower than in float32 (SmolLM2's shape, 100 keys, one thread: 99 vs 17 us), and the cache is small
+        adt = torch.float32 if h.device.type == "cpu" else h.dtype
+        if self.cache is None or self.cache[0][0].dtype != adt:
+            self._allocate(adt, h.device)
         cos, ssin = self._rope(h, torch.arange(start, end, device=ids.device).unsqueeze(0))
         for (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down, d, scaling), (kc, vc) in zip(
             self.layers, self.cache, strict=True
@@ -163,13 +168,15 @@ class LeanDecoder:
             else:
                 q, k, v = (t.view(1, T, -1, d).transpose(1, 2) for t in (q, k, v))
             q, k = self._rotate(q, cos, ssin), self._rotate(k, cos, ssin)
+            if q.dtype != adt:
+                q = q.to(adt)
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v
             a = F.scaled_dot_product_attention(
                 q, kc[:, :, :end], vc[:, :, :end], is_causal=causal, scale=scaling, enable_gqa=self.gqa
             )
             a = a.view(1, 1, -1) if T == 1 else a.transpose(1, 2).reshape(1, T, -1)  # [1, heads, 1, d] in order
-            h = h + o_proj(a)
+            h = h + o_proj(a if a.dtype == h.dtype else a.to(h.dtype))
             x = self._norm(norm2, h)
             h = h + down(F.silu(gate(x)) * up(x))
         self.length = end

@@ -86,7 +86,7 @@ class SharedInput:
         if self._x is x and version == self._version and index not in self._served:
             y = self._y
         else:  # a new input (or this member's second call with it): the whole group's product
-            y = kernels.spmm(x, self.fused, self.bias)
+            y = kernels.spmm(x, self.fused, self.bias, None, self.members[0].int8_inputs)
             self._x, self._version, self._y, self._served = x, version, y, set()
         self._served.add(index)
         if len(self._served) == len(self.members):  # every member has its part: hold nothing longer
@@ -141,7 +141,8 @@ def _groups(model: nn.Module, candidates: dict[str, SparseLinear], probe: torch.
         by_kind: dict[tuple, list[str]] = {}
         for name in names:
             p = candidates[name].packed
-            kind = (p.shape[1], p.values.dtype, p.scales is None, candidates[name].bias is None)
+            m = candidates[name]
+            kind = (p.shape[1], p.values.dtype, p.scales is None, m.bias is None, m.int8_inputs)
             by_kind.setdefault(kind, []).append(name)
         groups.extend(group for group in by_kind.values() if len(group) > 1)
     return groups

@@ -268,8 +268,15 @@ def supported_isas() -> list[str]:
     """The paths this machine can run, best first (``torch`` always)."""
     if _native is None:
         return ["torch"]
-    features = _native.cpu_features()  # bit 0: AVX2+FMA, bit 1: AVX-512 F/BW/VL/DQ/VBMI2
+    features = _native.cpu_features()  # bit 0: AVX2+FMA, bit 1: AVX-512 F/BW/VL/DQ/VBMI2, bit 3: + VNNI
     return [name for name, bit in (("avx512", 2), ("avx2", 1)) if features & bit] + ["scalar", "torch"]
+
+
+def vnni_available() -> bool:
+    """Whether :func:`spmm` multiplies int8 inputs (``int8_inputs=True``) with the AVX-512 VNNI kernel now: the
+    native kernel is built, this CPU has AVX-512 VNNI, and the AVX-512 path is in use. Otherwise the same
+    quantised inputs go through the float kernel (:func:`fake_quantize_inputs`: equal up to fp32 rounding)."""
+    return _native is not None and _isa == "avx512" and bool(_native.cpu_features() & 8)
 
 
 def _checked_isa(name: str) -> str:
@@ -411,6 +418,34 @@ def _check_spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> 
             raise ValueError(f"bias must be a CPU float32/bfloat16 tensor of shape ({p.shape[0]},)")
 
 
+I8_GROUP = 64  # inputs per scale when activations are quantised to int8 (one zmm of codes)
+
+
+def quantize_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., in]`` as the int8 codes and float32 scales the VNNI kernel multiplies: symmetric, one scale per
+    group of :data:`I8_GROUP` inputs (the last group padded with zeros), ``scale = max|x| / 127`` and
+    ``code = round_half_even(x * (127 / max|x|))``, in float32 (an all-zero group: codes and scale 0). Returns
+    (codes ``[..., groups * I8_GROUP]`` int8, scales ``[..., groups]``)."""
+    xf = x.float()
+    cols = xf.shape[-1]
+    groups = -(-cols // I8_GROUP)
+    xp = F.pad(xf, (0, groups * I8_GROUP - cols)).reshape(*xf.shape[:-1], groups, I8_GROUP)
+    amax = xp.abs().amax(-1)
+    full = torch.full_like(amax, 127.0)  # tensor / tensor: IEEE division (a scalar numerator takes a reciprocal)
+    inv = torch.where(amax > 0, full / amax, torch.zeros_like(amax))
+    codes = torch.round(xp * inv.unsqueeze(-1)).to(torch.int8)
+    return codes.reshape(*xf.shape[:-1], groups * I8_GROUP), amax / full
+
+
+def fake_quantize_inputs(x: torch.Tensor) -> torch.Tensor:
+    """``x`` replaced by its int8 round trip (:func:`quantize_inputs`), as float32: what the VNNI kernel multiplies."""
+    codes, scales = quantize_inputs(x)
+    cols = x.shape[-1]
+    groups = scales.shape[-1]
+    deq = codes.float().reshape(*scales.shape, I8_GROUP) * scales.unsqueeze(-1)
+    return deq.reshape(*x.shape[:-1], groups * I8_GROUP)[..., :cols]
+
+
 def threshold_inputs(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """``x`` with every entry of magnitude at most ``threshold`` set to zero (NaN kept); ``x`` itself for None.
     The comparison is in float32 whatever x's dtype (as the kernel's: a bfloat16 x is compared exactly)."""
@@ -420,13 +455,19 @@ def threshold_inputs(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
 
 
 def spmm_reference(
-    x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None, threshold: float | None = None
+    x: torch.Tensor,
+    p: PackedWeight,
+    bias: torch.Tensor | None = None,
+    threshold: float | None = None,
+    int8_inputs: bool = False,
 ) -> torch.Tensor:
     """``x' @ W.T (+ bias)`` through the dense weight, accumulated in fp32, where ``x'`` is ``x`` thresholded
-    (:func:`threshold_inputs`): the torch fallback and the tests' truth."""
-    x = threshold_inputs(x, threshold)
+    (:func:`threshold_inputs`) and, with ``int8_inputs``, quantised (:func:`fake_quantize_inputs`): the torch
+    fallback and the tests' truth."""
+    xt = threshold_inputs(x, threshold)
+    xf = fake_quantize_inputs(xt) if int8_inputs else xt.float()
     weight = unpack(p).float()
-    y = F.linear(x.float(), weight, None if bias is None else bias.float())
+    y = F.linear(xf, weight, None if bias is None else bias.float())
     return y.to(x.dtype)
 
 
@@ -540,7 +581,11 @@ def _tiles(xc, p, b, rows, tile, x_dtype):
 
 
 def spmm(
-    x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None, threshold: float | None = None
+    x: torch.Tensor,
+    p: PackedWeight,
+    bias: torch.Tensor | None = None,
+    threshold: float | None = None,
+    int8_inputs: bool = False,
 ) -> torch.Tensor:
     """``y = x @ W.T (+ bias)`` with the packed weight; x ``[..., in]`` float32/bfloat16, result in x's dtype.
 
@@ -552,10 +597,21 @@ def spmm(
     multiply the stored weights only: a NaN or infinite input reaches the outputs whose rows store its column (in
     the bf16 pair form, its pair of columns), where a dense product (0 * inf = NaN) spreads it to all of them.
     ``threshold``: inputs of magnitude at most this count as zero (activation sparsity); in the column layout the
-    decode kernel then never reads their columns. CPU only.
+    decode kernel then never reads their columns.
+
+    ``int8_inputs`` (int8 values in the row layout only): x is quantised to int8, one scale per group of
+    :data:`I8_GROUP` inputs (:func:`quantize_inputs`), and multiplied with the int8 codes by integer dot products
+    (AVX-512 VNNI, every row count: the same numbers for prompt and decode), as llama.cpp multiplies Q8_0 weights
+    with Q8_0 activations; without VNNI the quantised x goes through the float kernel. CPU only.
     """
     _check_spmm(x, p, bias)
     out, cols = p.shape
+    if int8_inputs:
+        if p.values.dtype != torch.int8 or p.layout != "rows":
+            raise ValueError("int8 inputs need a weight with int8 values in the row layout")
+        if not vnni_available() or out == 0 or cols == 0 or x.numel() == 0:
+            x8 = fake_quantize_inputs(threshold_inputs(x, threshold))
+            return spmm(x8, p, None if bias is None else bias.float()).to(x.dtype)
     if _isa == "torch" or out == 0 or cols == 0 or x.numel() == 0:  # (nothing to multiply: no native call)
         return spmm_reference(x, p, bias, threshold)
     if x.is_contiguous():  # the common case, kept cheap: ~210 calls a token
@@ -568,6 +624,8 @@ def spmm(
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     rows = x.numel() // cols
+    if int8_inputs:  # the VNNI kernel for every row count
+        return _spmm_native(x, x2, stride, rows, p, bias, threshold, 2)
     if rows >= DENSE_PREFILL_ROWS and p.full and p.layout == "rows" and p.scales is None:
         # every weight stored, float values: they are the matrix itself, multiplied in place (no decompression)
         dtype = _matmul_dtype(x.dtype, p.values.dtype)  # as the tiled path multiplies
@@ -580,6 +638,14 @@ def spmm(
     if rows >= prefill_rows(_tiles_key(x.dtype, p.values.dtype), p.density if by_rows else None):
         x2 = threshold_inputs(x2.reshape(rows, cols), threshold)
         return _spmm_tiled(x2, p, bias).reshape(*x.shape[:-1], out)
+    return _spmm_native(x, x2, stride, rows, p, bias, threshold, int(_isa == "avx512" and rows >= outer_rows()))
+
+
+def _spmm_native(x, x2, stride, rows, p, bias, threshold, path):
+    """The native kernel's call for :func:`spmm` (``path``: 0 rows, 1 outer products, 2 int8 inputs; the column
+    layout ignores it)."""
+    out, cols = p.shape
+    by_rows = p.layout == "rows"
     if threshold is not None and by_rows:  # the row kernel reads every column: threshold x first
         x2, stride, threshold = threshold_inputs(x2.reshape(rows, cols), threshold), cols, None
     y = torch.empty((*x.shape[:-1], out), dtype=x.dtype)
@@ -599,5 +665,5 @@ def spmm(
     if not by_rows:
         _native.spmm_columns(*args, -1.0 if threshold is None else float(threshold))
     else:
-        _native.spmm(*args, int(_isa == "avx512" and rows >= outer_rows() and not p.full))
+        _native.spmm(*args, 0 if path == 1 and p.full else path)
     return y

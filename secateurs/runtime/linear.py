@@ -118,6 +118,31 @@ def int8_head(model: nn.Module) -> dict:
     return kernel_head(model, "int8")
 
 
+def use_int8_activations(model: nn.Module, enable: bool = True) -> dict:
+    """Quantise the inputs of the model's int8-valued sparse linears to int8 (one scale per group of 64 inputs), in
+    place, so the kernel multiplies int8 by int8 with integer dot products (AVX-512 VNNI; without it the same
+    quantised inputs go through the float kernel): see :func:`secateurs.runtime.kernels.spmm`'s ``int8_inputs``.
+    An int8 LM head (:func:`kernel_head` ``values="int8"``) is included. Linears with float values, or in the column
+    layout (activation sparsity), are left as they are. ``enable=False`` switches it off again. Returns how many
+    linears take int8 inputs and how many int8 ones were left."""
+    taken = left = 0
+    for m in model.modules():
+        if not isinstance(m, SparseLinear) or m.packed.values.dtype != torch.int8:
+            continue
+        if m.packed.layout != "rows":
+            left += 1
+            continue
+        m.int8_inputs = bool(enable)
+        taken += 1
+    if enable and not taken:
+        raise SecateursError("int8 activations need int8 values on the kernel (compress --values int8, head int8)")
+    if enable:
+        how = "VNNI dot products" if kernels.vnni_available() else "the float kernel (no AVX-512 VNNI here)"
+        rest = f"; {left} in the column layout left as they are" if left else ""
+        log.info("int8 activations: %d linears, by %s%s", taken, how, rest)
+    return {"linears": taken, "left": left, "vnni": kernels.vnni_available()}
+
+
 def _threshold(min_sparsity: float | None) -> float:
     value = DEFAULT_MIN_SPARSITY if min_sparsity is None else float(min_sparsity)
     if not 0 <= value <= 1:
@@ -205,6 +230,7 @@ def load_sparse(
     activation_sparsity=None,
     calibration=None,
     fuse: bool = True,
+    int8_activations: bool = False,
 ):
     """(model, tokenizer) ready for ``model.generate``, with the sparse linears running on the sparse kernel.
 
@@ -224,6 +250,8 @@ def load_sparse(
     ``fuse``: the linears that share an input (q/k/v, gate/up) run as one kernel call each group, their weights
     held once (:func:`secateurs.runtime.fused.fuse_shared_inputs`; outputs unchanged). Change the model's dtype
     before grouping (``dtype=`` here does), not after: a group holds its members' biases as they were.
+    ``int8_activations``: the inputs of int8-valued linears (and an int8 head) are quantised to int8 per group of
+    64 and multiplied by integer dot products (:func:`use_int8_activations`).
     """
     if head not in (None, *HEADS):
         raise SecateursError(f"head must be one of {', '.join(HEADS)} or None, not {head!r}")
@@ -241,6 +269,8 @@ def load_sparse(
         from secateurs.runtime.activation import sparsify_activations
 
         sparsify_activations(model, activation_sparsity, tokenizer, calibration=calibration, kernel=True)
+    if int8_activations:
+        use_int8_activations(model)
     if fuse and tokenizer is not None:
         from secateurs.runtime.fused import fuse_shared_inputs
 

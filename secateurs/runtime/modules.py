@@ -34,6 +34,9 @@ class SparseLinear(nn.Module):
         # (group, index) when this linear shares its input with others and is multiplied with them in one call
         # (secateurs.runtime.fused); ``packed`` then views its rows of the group's weight
         self.shared = None
+        # int8 values only: the input is quantised to int8 per group of 64 and multiplied by integer dot products
+        # (secateurs.runtime.linear.int8_activations; kernels.spmm's int8_inputs)
+        self.int8_inputs = False
 
     @classmethod
     def from_dense(cls, module: nn.Module, values: str | None = None, layout: str = "rows") -> SparseLinear:
@@ -49,7 +52,7 @@ class SparseLinear(nn.Module):
         if self.shared is not None:
             group, index = self.shared
             return group.forward(index, x)
-        return kernels.spmm(x, self.packed, self.bias, self.threshold)
+        return kernels.spmm(x, self.packed, self.bias, self.threshold, self.int8_inputs)
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as the replaced layer held it (bit-identical; int8 codes dequantised to float32): [out, in],
@@ -69,6 +72,8 @@ class SparseLinear(nn.Module):
         extra = "" if p.layout == "rows" else f", layout={p.layout}"
         if self.threshold is not None:
             extra += f", threshold={self.threshold:.4g}"
+        if self.int8_inputs:
+            extra += ", int8 inputs"
         if self.shared is not None:
             extra += f", shares its input with {len(self.shared[0].members) - 1} more (one call)"
         return (

@@ -32,7 +32,21 @@ struct Problem {
     const float* xt = nullptr;   // AVX-512 outer-product path (prefill): x transposed by transpose_x_avx512
     const uint16_t* x16 = nullptr;  // its bf16 pair form: the bf16 activations [m, x_stride] (x is then unused)
     uint16_t* y16 = nullptr;        // outer products with a bf16 result: y [m, y_stride] rounded to bf16 (y unused)
+    // int8 activations (rows_vnni): x quantised by quantize_x_vnni, one scale per group of kI8Group inputs
+    const int8_t* xq = nullptr;     // [m, groups * kI8Group] codes, zero past the row; 64-byte aligned
+    const float* xs = nullptr;      // [m, groups] scales: x[t, j] ~ xs[t, j / kI8Group] * xq[t, j]
+    const int32_t* xc = nullptr;    // [m, groups, 16] accumulator starts: lane l = -128 * sum of codes 4l..4l+3
 };
+
+// int8 weights times int8 activations (AVX-512 VNNI, kernel_vnni.cpp; int8 values only). quantize_x_vnni writes
+// tokens [t0, t1) of x [*, x_stride] fp32 (finite) as symmetric int8 codes, one scale per group of kI8Group inputs:
+// scale = max |x| / 127, code = round-half-even(x * (127 / max |x|)) (all zero for an all-zero group); rows_vnni
+// multiplies rows [r0, r1) with them: y[t, o] = scales[o] * sum_g xs[t, g] * (sum_j q[o, j] * xq[t, j]) + bias.
+constexpr int64_t kI8Group = 64;
+inline int64_t i8_groups(int64_t in) { return (in + kI8Group - 1) / kI8Group; }
+void quantize_x_vnni(const float* x, int64_t x_stride, int64_t in, int64_t t0, int64_t t1, int8_t* xq, float* xs,
+                     int32_t* xc);
+void rows_vnni(const Problem& p, int64_t r0, int64_t r1);
 
 // The outer-product (row-wise) path for many tokens, AVX-512 only: x is first transposed into blocks of
 // kOuterTokens tokens, xt[b][j][t] = x[b * kOuterTokens + t][j] (zeros past the last token), so each stored weight

@@ -44,6 +44,7 @@ int cpu_features_bits() {
 #if SECATEURS_AVX512_BF16
     if ((bits & 2) && __builtin_cpu_supports("avx512bf16")) bits |= 4;
 #endif
+    if ((bits & 2) && __builtin_cpu_supports("avx512vnni")) bits |= 8;
     return bits;
 #else
     return 0;
@@ -116,7 +117,12 @@ void run_part(const Job& job, int part) {
         return;
     }
     switch (job.isa) {
-        case kAvx512: rows_avx512(p, r0, r1); break;
+        case kAvx512:
+            if (p.xq)
+                rows_vnni(p, r0, r1);
+            else
+                rows_avx512(p, r0, r1);
+            break;
         case kAvx2: rows_avx2(p, r0, r1); break;
         default: rows_scalar(p, r0, r1); break;
     }
@@ -285,7 +291,7 @@ void compute(Job& job, int threads) {
 // x transposed for the outer-product path; for the column layout the active columns, their inputs and each
 // part's partial output.
 struct Scratch {
-    std::vector<float> x, bias, y, xa, y_parts, xt;
+    std::vector<float> x, bias, y, xa, y_parts, xt, xq, xs, xc;
     std::vector<int32_t> active;
 };
 thread_local Scratch t_scratch;
@@ -383,7 +389,7 @@ const float* fp32_bias(const SpmmArgs& a, Scratch& s) {
 
 PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     // mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, threads,
-    // scales, outer
+    // scales, path (0: rows, 1: outer products, 2: int8 activations)
     if (nargs != 17) {
         PyErr_Format(PyExc_TypeError, "spmm takes 17 integer arguments, got %zd", nargs);
         return nullptr;
@@ -391,6 +397,10 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     SpmmArgs a;
     int outer_arg;
     if (!spmm_args(args, a) || !arg(args[16], &outer_arg)) return nullptr;
+    if (outer_arg == 2 && (a.values_dtype != kI8 || a.isa != kAvx512 || !(kFeatures & 8))) {
+        PyErr_SetString(PyExc_ValueError, "int8 activations need int8 values and the AVX-512 VNNI kernel");
+        return nullptr;
+    }
     const void *mask = a.mask, *values = a.values, *offsets = a.offsets, *x = a.x, *y = a.y, *scales = a.scales;
     const int values_dtype = a.values_dtype, x_dtype = a.x_dtype, isa = a.isa, threads = a.threads;
     const int64_t out = a.out, in = a.in, x_stride = a.x_stride, m = a.m;
@@ -414,7 +424,7 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_BEGIN_ALLOW_THREADS
     try {
     Scratch& s = t_scratch;
-    const bool outer = outer_arg && isa == kAvx512;
+    const bool outer = outer_arg == 1 && isa == kAvx512;
     if (outer && x_dtype == 1 && values_dtype != kF32 && (kFeatures & 4)) {  // the bf16 pair form reads x as it is
         p.x = nullptr;
         p.x16 = static_cast<const uint16_t*>(x);
@@ -443,6 +453,16 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
     p.y_stride = out;
     if (outer) p.xt = transposed_x(job, threads, s);
+    if (outer_arg == 2) {  // x quantised to int8 groups once, on this thread (m * in values: little beside the product)
+        const int64_t groups = i8_groups(in);
+        int8_t* xq = reinterpret_cast<int8_t*>(scratch(s.xq, static_cast<size_t>(m * groups * kI8Group / 4)));
+        float* xs = scratch(s.xs, static_cast<size_t>(m * groups));
+        int32_t* xc = reinterpret_cast<int32_t*>(scratch(s.xc, static_cast<size_t>(m * groups * 16)));
+        quantize_x_vnni(p.x, p.x_stride, in, 0, m, xq, xs, xc);
+        p.xq = xq;
+        p.xs = xs;
+        p.xc = xc;
+    }
     compute(job, threads);
     } catch (const std::bad_alloc&) {
         no_memory = true;
@@ -643,9 +663,10 @@ PyObject* py_spin_us(PyObject*, PyObject*) { return PyLong_FromLongLong(g_spin_u
 PyMethodDef kMethods[] = {
     {"spmm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_spmm)), METH_FASTCALL,
      "spmm(mask, values, values_dtype, row_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, isa, "
-     "threads, scales, outer): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, "
-     "codes); values_dtype 2 (int8) takes per-row float32 scales, else scales is 0; outer 1: the AVX-512 kernel "
-     "multiplies by outer products (many tokens; ignored by the other ISAs)."},
+     "threads, scales, path): y = x @ W.T (+ bias) for a packed weight; every argument an int (pointers, sizes, "
+     "codes); values_dtype 2 (int8) takes per-row float32 scales, else scales is 0; path 1: the AVX-512 kernel "
+     "multiplies by outer products (many tokens; ignored by the other ISAs); path 2: x quantised to int8 per group "
+     "of 64 inputs and multiplied by VNNI dot products (int8 values, AVX-512 with VNNI only)."},
     {"spmm_columns", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_spmm_columns)), METH_FASTCALL,
      "spmm_columns(mask, values, values_dtype, col_offsets, out, in, x, x_stride, m, x_dtype, bias, bias_dtype, y, "
      "isa, threads, scales, threshold): y = x' @ W.T (+ bias) for a weight packed column by column (W^T's rows), "
