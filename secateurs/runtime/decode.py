@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateurs.errors import SecateursError
+from secateurs.runtime import kernels
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -115,11 +116,8 @@ class LeanDecoder:
     # ------------------------------------------------------------------------------------------------ pieces
     @staticmethod
     def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """transformers' Llama RMS norm: in float32, cast back, times the weight (one fused call in float32)."""
-        w = norm.weight
-        if x.dtype == torch.float32 and w.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), w, norm.variance_epsilon)
-        return w * F.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon).to(x.dtype)
+        """transformers' Llama RMS norm: in float32, cast back, times the weight (one native call on the CPU)."""
+        return kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
 
     def _allocate(self, dtype: torch.dtype, device: torch.device) -> None:
         self.cache = []

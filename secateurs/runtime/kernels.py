@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import struct
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -416,6 +417,34 @@ def _check_spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None) -> 
     if bias is not None:
         if bias.dtype not in DTYPES or not bias.is_cpu or bias.shape != (p.shape[0],):
             raise ValueError(f"bias must be a CPU float32/bfloat16 tensor of shape ({p.shape[0]},)")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMS norm, ``weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)``, in one
+    native call for a contiguous CPU x and weight of one dtype (float32 or bfloat16; a decode step's 61 norms cost
+    ~1.5 ms as torch's small ops on SmolLM2, 2 cores); torch's ops otherwise. Equal to rounding: the mean of squares
+    is summed in float64."""
+    ok = (
+        _native is not None
+        and x.dtype in DTYPES
+        and weight.dtype == x.dtype
+        and x.is_cpu
+        and weight.is_cpu
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and x.dim() > 0
+        and weight.shape == x.shape[-1:]
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+    if not ok:
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    eps_bits = struct.unpack("<I", struct.pack("<f", eps))[0]
+    _native.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps_bits, _DTYPE_CODE[x.dtype])
+    return y
 
 
 I8_GROUP = 64  # inputs per scale when activations are quantised to int8 (one zmm of codes)

@@ -110,3 +110,33 @@ def test_refusals_name_the_reason():
     with pytest.raises(SecateursError, match="sliding window"):
         window.generate(torch.zeros(1, 4, dtype=torch.long), 4)
     assert window.generate(torch.zeros(1, 4, dtype=torch.long), 3).shape == (1, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_transformers(dtype):
+    """The native norm against transformers' LlamaRMSNorm: bfloat16 bit for bit, float32 to rounding; a
+    non-contiguous x or a weight of another dtype takes torch's ops."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from secateurs.runtime import kernels
+
+    norm = LlamaRMSNorm(37, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(37) * 0.3 + 1)
+    norm = norm.to(dtype)
+    x = (torch.randn(2, 5, 37) * 4).to(dtype)
+    with torch.no_grad():
+        want = norm(x)
+    got = kernels.rms_norm(x, norm.weight.detach(), norm.variance_epsilon)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    strided = x.transpose(0, 1)
+    with torch.no_grad():
+        assert torch.allclose(kernels.rms_norm(strided, norm.weight.detach(), 1e-5).float(), norm(strided).float())
+    # the sum of squares does not overflow float32 in the native path (summed in float64)
+    if kernels.native_available():
+        big = torch.full((1, 37), 3e19)
+        assert torch.allclose(kernels.rms_norm(big, torch.ones(37), 1e-5), torch.ones(1, 37))

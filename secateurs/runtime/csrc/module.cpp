@@ -643,6 +643,56 @@ PyObject* py_unpack(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
+// RMS norm of rows of x (transformers' Llama norm): r = 1 / sqrt(mean(x^2) + eps) (computed in double, rounded to
+// float32), y = w * (x * r); for bfloat16 x and w the normed x is rounded to bfloat16 before the weight multiplies
+// it (as x.float() ... .to(bfloat16) * w does), and so is y. One call instead of a handful of small torch ops.
+PyObject* py_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+    // x, w, y, rows, n, eps_bits (float32 bits), dtype (0 float32, 1 bfloat16; x, w and y alike)
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "rms_norm takes 7 integer arguments, got %zd", nargs);
+        return nullptr;
+    }
+    const void *x, *w, *y;
+    int64_t rows, n;
+    uint32_t eps_bits;
+    int dtype;
+    if (!ptr_arg(args[0], &x) || !ptr_arg(args[1], &w) || !ptr_arg(args[2], &y) || !arg(args[3], &rows) ||
+        !arg(args[4], &n) || !arg(args[5], &eps_bits) || !arg(args[6], &dtype))
+        return nullptr;
+    if (rows < 0 || n < 1 || (dtype != 0 && dtype != 1)) {
+        PyErr_SetString(PyExc_ValueError, "bad sizes or dtype code");
+        return nullptr;
+    }
+    float eps;
+    std::memcpy(&eps, &eps_bits, sizeof eps);
+    for (int64_t r = 0; r < rows; ++r) {
+        if (dtype == 0) {
+            const float* xr = static_cast<const float*>(x) + r * n;
+            const float* wr = static_cast<const float*>(w);
+            float* yr = static_cast<float*>(const_cast<void*>(y)) + r * n;
+            double sum = 0.0;
+            for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(xr[j]) * xr[j];
+            const float inv = static_cast<float>(1.0 / std::sqrt(sum / n + eps));
+            for (int64_t j = 0; j < n; ++j) yr[j] = wr[j] * (xr[j] * inv);
+        } else {
+            const uint16_t* xr = static_cast<const uint16_t*>(x) + r * n;
+            const uint16_t* wr = static_cast<const uint16_t*>(w);
+            uint16_t* yr = static_cast<uint16_t*>(const_cast<void*>(y)) + r * n;
+            double sum = 0.0;
+            for (int64_t j = 0; j < n; ++j) {
+                const double v = bf16_to_float(xr[j]);
+                sum += v * v;
+            }
+            const float inv = static_cast<float>(1.0 / std::sqrt(sum / n + eps));
+            for (int64_t j = 0; j < n; ++j) {
+                const float normed = bf16_to_float(float_to_bf16(bf16_to_float(xr[j]) * inv));
+                yr[j] = float_to_bf16(bf16_to_float(wr[j]) * normed);
+            }
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 PyObject* py_cpu_features(PyObject*, PyObject*) { return PyLong_FromLong(kFeatures); }
 
 PyObject* py_set_spin_us(PyObject*, PyObject* arg) {
@@ -674,8 +724,12 @@ PyMethodDef kMethods[] = {
     {"unpack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_unpack)), METH_FASTCALL,
      "unpack(mask, values, values_dtype, row_offsets, out, in, scales, r0, r1, dst, isa, threads): rows [r0, r1) of "
      "a packed weight written dense into dst (float32; bfloat16 for bfloat16 values), on the kernel's threads."},
+    {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_rms_norm)), METH_FASTCALL,
+     "rms_norm(x, w, y, rows, n, eps_bits, dtype): y = w * x / sqrt(mean(x^2) + eps) row by row, as transformers' "
+     "Llama norm computes it (dtype 0: float32, 1: bfloat16 for x, w and y; eps as the bits of a float32)."},
     {"cpu_features", py_cpu_features, METH_NOARGS,
-     "Bit 0: AVX2+FMA; bit 1: AVX-512 F/BW/VL/DQ/VBMI2; bit 2: AVX512_BF16 too (and this build uses it)."},
+     "Bit 0: AVX2+FMA; bit 1: AVX-512 F/BW/VL/DQ/VBMI2; bit 2: AVX512_BF16 too (and this build uses it); bit 3: "
+     "AVX-512 VNNI."},
     {"set_spin_us", py_set_spin_us, METH_O, "How long idle workers spin (microseconds) before they sleep."},
     {"spin_us", py_spin_us, METH_NOARGS, "How long idle workers spin (microseconds) before they sleep."},
     {nullptr, nullptr, 0, nullptr},
