@@ -161,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
         "model bigger than memory gets the same perplexity and, with --tasks (log-likelihood and multiple-choice "
         "tasks), the same accuracy",
     )
+    p.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="a sparse folder with int8 values only: measure it on the sparse kernel as bench and the decoder run "
+        "it with --int8-activations --head int8 (load_sparse(DIR, head='int8', int8_activations=True)): every int8 "
+        "linear and the LM head, held as int8 too, quantise their inputs to int8 (one scale per 64) and multiply "
+        "by integer dot products (AVX-512 VNNI, else the float kernel on the same quantised inputs); on the CPU "
+        "(--device auto means cpu here), in the stored dtype unless --dtype float32 or bfloat16 (--dtype bfloat16: "
+        "the model of bench --dtype bfloat16 --head int8 --int8-activations); not with --low-memory or "
+        "--activation-sparsity",
+    )
     add_common(p)
 
     for name, module in _EXTRA_COMMANDS.items():
@@ -427,13 +438,77 @@ def cmd_prune(args) -> dict:
     return out
 
 
+def _int8_folder(args) -> Path:
+    """``eval --int8-activations``: the sparse folder with int8 values to measure on the kernel, every option checked
+    against it from the weights files' headers alone (nothing loaded)."""
+    import torch
+
+    from secateurs.dtypes import resolve_dtype
+    from secateurs.format.sparse import is_sparse_folder, open_folder
+
+    if args.low_memory or args.activation_sparsity is not None:
+        raise SecateursError(
+            "eval --int8-activations measures the whole model on the sparse kernel: not with "
+            + ("--low-memory" if args.low_memory else "--activation-sparsity")
+        )
+    if args.device not in ("auto", "cpu"):
+        raise SecateursError(
+            f"eval --int8-activations runs on the CPU sparse kernel: use --device cpu, not {args.device}"
+        )
+    if resolve_dtype(args.dtype) not in ("auto", torch.float32, torch.bfloat16):
+        raise SecateursError(f"eval --int8-activations runs float32 or bfloat16 activations, not {args.dtype}")
+    folder = Path(args.model).expanduser()
+    if not (folder / "config.json").is_file() or not is_sparse_folder(folder):
+        raise SecateursError(
+            f"eval --int8-activations measures a sparse folder with int8 values (prune --save-format sparse-int8, "
+            f"compress --values int8); {args.model} is not a sparse folder"
+        )
+    values = {entry.get("dtype") for _, header in open_folder(folder).files for entry in header.packed.values()}
+    if "int8" not in values:
+        held = ", ".join(sorted(v for v in values if isinstance(v, str))) or "no packed"
+        raise SecateursError(
+            f"eval --int8-activations needs int8 values; {folder} holds {held} values "
+            "(compress --values int8 makes an int8 copy)"
+        )
+    return folder.resolve()
+
+
+def _eval_int8(args, folder: Path, do_eval: bool) -> dict:
+    """The folder on the sparse kernel with int8 activations and an int8 head: what bench and the decoder run."""
+    from secateurs.runtime import kernels
+    from secateurs.runtime.linear import load_sparse
+    from secateurs.runtime.modules import SparseLinear
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    model, tokenizer = load_sparse(folder, dtype=dtype, head="int8", int8_activations=True)
+    head = model.get_output_embeddings()
+    linears = sum(1 for m in model.modules() if isinstance(m, SparseLinear) and m.int8_inputs and m is not head)
+    out = {
+        "model": str(folder),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "int8_activations": {"linears": linears, "head": "int8", "vnni": kernels.vnni_available()},
+    }
+    if do_eval:
+        out.update(_evaluate(model, tokenizer, args, "").to_dict())
+    if args.tasks:
+        out["zero_shot"] = _zero_shot(model, tokenizer, args, "").to_dict()
+    return out
+
+
 def cmd_eval(args) -> dict:
     from secateurs.models import default_device, load_model
 
-    device = default_device(args.device)
     do_eval = bool(args.eval) and args.eval.lower() != "none"
     if not do_eval and not args.tasks:
         raise SecateursError("eval needs --eval SOURCE (perplexity) or --tasks NAMES (zero-shot accuracy)")
+    if args.int8_activations:
+        folder = _int8_folder(args)
+        if do_eval:
+            data.describe_source(args.eval)
+        if args.tasks:
+            args.tasks = _check_tasks(args, False)
+        return _eval_int8(args, folder, do_eval)
+    device = default_device(args.device)
     if do_eval:
         data.describe_source(args.eval)
     if args.tasks:

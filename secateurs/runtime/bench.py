@@ -420,7 +420,8 @@ def add_parser(subparsers, name: str) -> None:
         "--int8-activations",
         action="store_true",
         help="int8 values only: the sparse model's linears (and an int8 head) quantise their inputs to int8, one "
-        "scale per 64, and multiply by integer dot products (AVX-512 VNNI); perplexity: eval --int8-activations",
+        "scale per 64, and multiply by integer dot products (AVX-512 VNNI). Its perplexity: eval DIR "
+        "--int8-activations --dtype bfloat16 measures the model bench runs with --dtype bfloat16 --head int8",
     )
     p.add_argument("--no-micro", action="store_true", help="skip the per-shape microbenchmarks")
     p.add_argument(
