@@ -68,7 +68,7 @@ class LeanDecoder:
     """Greedy decoding of one sequence of a Llama-family model, with its own preallocated KV cache.
 
     ``decoder = LeanDecoder(model)``; ``decoder.generate(ids, new_tokens)`` returns the new tokens
-    ``[1, new_tokens]``; ``prefill(ids)`` and ``step(token)`` return the last position's logits ``[1, vocab]``
+    ``[1, new_tokens]``; ``prefill(ids)`` and ``step(token)`` return the last position's float32 logits ``[1, vocab]``
     and advance the cache, for callers that time the steps apart. ``max_len`` bounds prompt plus new tokens
     (default: the model's ``max_position_embeddings``; the cache is allocated for it on first use).
     """
@@ -170,16 +170,18 @@ class LeanDecoder:
                 q = q.to(adt)
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v
-            a = F.scaled_dot_product_attention(
-                q, kc[:, :, :end], vc[:, :, :end], is_causal=causal, scale=scaling, enable_gqa=self.gqa
-            )
+            a = kernels.attend(q, kc, vc, end, scaling) if T == 1 else None
+            if a is None:
+                a = F.scaled_dot_product_attention(
+                    q, kc[:, :, :end], vc[:, :, :end], is_causal=causal, scale=scaling, enable_gqa=self.gqa
+                )
             a = a.view(1, 1, -1) if T == 1 else a.transpose(1, 2).reshape(1, T, -1)  # [1, heads, 1, d] in order
             h = h + o_proj(a if a.dtype == h.dtype else a.to(h.dtype))
             x = self._norm(norm2, h)
             h = h + down(F.silu(gate(x)) * up(x))
         self.length = end
         h = self._norm(self.final_norm, h[:, -1:])
-        return self.head(h)[:, -1]
+        return self.head(h)[:, -1].float()  # float32 logits, as transformers' generate takes them
 
     # ------------------------------------------------------------------------------------------------ API
     def reset(self) -> None:

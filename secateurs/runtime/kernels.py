@@ -447,6 +447,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scale: float) -> torch.Tensor | None:
+    """One query token's attention over the first ``length`` positions of a float32 KV cache, in one native call:
+    q ``[1, heads, 1, d]``, k and v ``[1, kv_heads, max_len, d]`` (contiguous, float32, CPU), query heads grouped
+    over kv heads as transformers' ``repeat_kv`` pairs them; ``[1, heads, 1, d]``. None when the native kernel is
+    not built or the tensors are not of that form (the caller then uses ``scaled_dot_product_attention``, which
+    costs ~35 us a call for SmolLM2's 9 heads on one core against a few here)."""
+    if _native is None or q.dim() != 4 or q.shape[0] != 1 or q.shape[2] != 1 or k.shape != v.shape:
+        return None
+    heads, d = q.shape[1], q.shape[3]
+    _, kv_heads, max_len, dk = k.shape
+    f32 = torch.float32
+    if q.dtype != f32 or k.dtype != f32 or v.dtype != f32 or dk != d or heads % kv_heads or not 0 < length <= max_len:
+        return None
+    if not (q.is_cpu and k.is_cpu and v.is_cpu and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        return None
+    out = torch.empty_like(q)
+    scale_bits = struct.unpack("<I", struct.pack("<f", scale))[0]
+    _native.attend(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), heads, kv_heads, length, d, max_len * d, scale_bits
+    )
+    return out
+
+
 I8_GROUP = 64  # inputs per scale when activations are quantised to int8 (one zmm of codes)
 
 

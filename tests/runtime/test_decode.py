@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -140,3 +141,26 @@ def test_rms_norm_matches_transformers(dtype):
     if kernels.native_available():
         big = torch.full((1, 37), 3e19)
         assert torch.allclose(kernels.rms_norm(big, torch.ones(37), 1e-5), torch.ones(1, 37))
+
+
+@pytest.mark.parametrize("heads,kv_heads,length,d", [(9, 3, 100, 64), (8, 8, 7, 32), (4, 1, 1, 16), (6, 2, 37, 24)])
+def test_attend_matches_scaled_dot_product_attention(heads, kv_heads, length, d):
+    """One query over the first ``length`` positions of a float32 cache (grouped heads as transformers pairs them),
+    against torch's attention; d a multiple of 16 takes the AVX-512 path where present, 24 the generic one."""
+    from secateurs.runtime import kernels
+
+    q = torch.randn(1, heads, 1, d)
+    k, v = torch.randn(1, kv_heads, 50 + length, d), torch.randn(1, kv_heads, 50 + length, d)
+    got = kernels.attend(q, k, v, length, 0.3)
+    if not kernels.native_available():
+        assert got is None
+        return
+    want = F.scaled_dot_product_attention(
+        q, k[:, :, :length], v[:, :, :length], scale=0.3, enable_gqa=heads != kv_heads
+    )
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    # what it does not take: the caller falls back to torch's attention
+    assert kernels.attend(q.bfloat16(), k, v, length, 0.3) is None
+    assert kernels.attend(q, k[:, :, :, :8], v[:, :, :, :8], length, 0.3) is None
+    assert kernels.attend(q, k, v, 60 + length, 0.3) is None
+    assert kernels.attend(torch.randn(1, heads, 2, d), k, v, length, 0.3) is None

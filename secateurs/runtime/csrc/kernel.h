@@ -99,6 +99,17 @@ struct ColumnProblem {
     float* y;                    // [out], accumulated into
 };
 
+// One query token's attention over a float32 KV cache (module.cpp's attend): out[h] = softmax(scale * K q[h]) V over
+// the first `length` keys of kv head h / (heads / kv_heads); scores is scratch of `length` floats.
+struct AttendProblem {
+    const float *q, *k, *v;  // q [heads, d]; k, v [kv_heads, head_stride] (keys d apart)
+    float* out;              // [heads, d]
+    int64_t heads, kv_heads, length, d, head_stride;
+    float scale;
+    float* scores;
+};
+void attend_avx512(const AttendProblem& a);  // d a multiple of 16
+
 void cols_scalar(const ColumnProblem& p);
 void cols_avx2(const ColumnProblem& p);
 void cols_avx512(const ColumnProblem& p);

@@ -5,6 +5,7 @@
 // on a CPU that reports it (kernel.h: SECATEURS_AVX512_BF16).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include <vector>
@@ -601,6 +602,34 @@ void transpose_x_avx512(const Problem& p, int64_t b0, int64_t b1, float* xt) {
     }
 }
 
+void attend_avx512(const AttendProblem& a) {
+    const int64_t group = a.heads / a.kv_heads, d = a.d, chunks = d / 16;
+    float* scores = a.scores;
+    for (int64_t h = 0; h < a.heads; ++h) {
+        const float* qh = a.q + h * d;
+        const float* kh = a.k + (h / group) * a.head_stride;
+        const float* vh = a.v + (h / group) * a.head_stride;
+        float top = -INFINITY;
+        for (int64_t i = 0; i < a.length; ++i) {
+            const float* ki = kh + i * d;
+            __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(ki));
+            for (int64_t c = 1; c < chunks; ++c)
+                dot = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), _mm512_loadu_ps(ki + 16 * c), dot);
+            scores[i] = _mm512_reduce_add_ps(dot) * a.scale;
+            top = scores[i] > top ? scores[i] : top;
+        }
+        float total = 0.0f;
+        for (int64_t i = 0; i < a.length; ++i) total += (scores[i] = expf(scores[i] - top));
+        const float inv = 1.0f / total;
+        for (int64_t c = 0; c < chunks; ++c) {  // 16 outputs at a time, summed over the keys in order
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < a.length; ++i)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[i]), _mm512_loadu_ps(vh + i * d + 16 * c), acc);
+            _mm512_storeu_ps(a.out + h * d + 16 * c, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+        }
+    }
+}
+
 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
     switch (p.values_type) {
         case kBF16: all_rows<kBF16>(p, r0, r1); break;
@@ -624,5 +653,6 @@ void rows_avx512(const Problem&, int64_t, int64_t) {}
 void cols_avx512(const ColumnProblem&) {}
 void unpack_avx512(const Problem&, int64_t, int64_t, void*) {}
 void transpose_x_avx512(const Problem&, int64_t, int64_t, float*) {}
+void attend_avx512(const AttendProblem&) {}
 }  // namespace secateurs
 #endif

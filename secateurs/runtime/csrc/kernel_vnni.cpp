@@ -57,42 +57,55 @@ inline __m512i unsigned_codes(const int8_t* values, int64_t& pos, uint64_t bits)
 
 constexpr int64_t kPrefetchBytes = 2048;
 
-// One token: each row streams its mask and codes once; two fp32 accumulators alternate over the groups.
+// One token: rows in pairs, so each group's input codes, lane starts and scale are loaded once for two rows; each
+// row streams its mask and codes once, with a software prefetch ahead in its codes (their addresses depend on the
+// mask bits just read, which the core's own look-ahead does not follow far).
 template <bool Dense>
-inline void group_product(const Problem& p, const int8_t* values, int64_t& pos, uint64_t bits, int64_t g, __m512& acc) {
+inline __m512i row_codes(const int8_t* values, int64_t& pos, const uint8_t* mrow, int64_t g, int64_t whole,
+                         int64_t mask_bytes) {
+    uint64_t bits = ~uint64_t{0};
+    if (!Dense) {
+        if (g < whole)
+            memcpy(&bits, mrow + g * 8, 8);
+        else
+            bits = group_bits(mrow, g, mask_bytes);
+    }
+    return unsigned_codes<Dense>(values, pos, bits);
+}
+
+template <bool Dense, int R>
+void token_rows(const Problem& p, int64_t o) {
+    const int8_t* values = static_cast<const int8_t*>(p.values);
+    const int64_t groups = i8_groups(p.in);
+    const int64_t whole = p.mask_stride / 8;  // groups whose 8 mask bytes are all the row's
     const __m512i* xc = reinterpret_cast<const __m512i*>(p.xc);
-    const __m512i w = unsigned_codes<Dense>(values, pos, bits);
-    const __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512(xc + g), w, _mm512_load_si512(p.xq + g * kI8Group));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(p.xs[g]), acc);
+    const uint8_t* mrow[R];
+    int64_t pos[R];
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) {
+        mrow[r] = p.mask + (o + r) * p.mask_stride;
+        pos[r] = p.row_offsets[o + r];
+        acc[r] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+        const __m512i x = _mm512_load_si512(p.xq + g * kI8Group);
+        const __m512i c = _mm512_load_si512(xc + g);
+        const __m512 s = _mm512_set1_ps(p.xs[g]);
+        for (int r = 0; r < R; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(values + pos[r] + kPrefetchBytes), _MM_HINT_T0);
+            const __m512i w = row_codes<Dense>(values, pos[r], mrow[r], g, whole, p.mask_stride);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, w, x)), s, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        p.y[o + r] = _mm512_reduce_add_ps(acc[r]) * p.scales[o + r] + (p.bias ? p.bias[o + r] : 0.0f);
 }
 
 template <bool Dense>
 void single_token(const Problem& p, int64_t r0, int64_t r1) {
-    const int8_t* values = static_cast<const int8_t*>(p.values);
-    const int64_t groups = i8_groups(p.in);
-    const int64_t whole = p.mask_stride / 8;  // groups whose 8 mask bytes are all the row's
-    for (int64_t o = r0; o < r1; ++o) {
-        const uint8_t* mrow = p.mask + o * p.mask_stride;
-        int64_t pos = p.row_offsets[o];
-        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-        int64_t g = 0;
-        for (; g + 2 <= whole; g += 2) {
-            _mm_prefetch(reinterpret_cast<const char*>(values + pos + kPrefetchBytes), _MM_HINT_T0);
-            uint64_t b0 = ~uint64_t{0}, b1 = ~uint64_t{0};
-            if (!Dense) {
-                memcpy(&b0, mrow + g * 8, 8);
-                memcpy(&b1, mrow + g * 8 + 8, 8);
-            }
-            group_product<Dense>(p, values, pos, b0, g, acc[0]);
-            group_product<Dense>(p, values, pos, b1, g + 1, acc[1]);
-        }
-        for (; g < groups; ++g) {
-            const uint64_t bits = Dense ? ~uint64_t{0} : group_bits(mrow, g, p.mask_stride);
-            group_product<Dense>(p, values, pos, bits, g, acc[g & 1]);
-        }
-        const float scale = p.scales[o];
-        p.y[o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) * scale + (p.bias ? p.bias[o] : 0.0f);
-    }
+    int64_t o = r0;
+    for (; o + 2 <= r1; o += 2) token_rows<Dense, 2>(p, o);
+    if (o < r1) token_rows<Dense, 1>(p, o);
 }
 
 // Many tokens: each row's groups are expanded once into a buffer, then multiplied with kTokens tokens at a time.
@@ -130,14 +143,8 @@ void many_tokens(const Problem& p, int64_t r0, int64_t r1) {
         const uint8_t* mrow = p.mask + o * p.mask_stride;
         int64_t pos = p.row_offsets[o];
         const int64_t whole = p.mask_stride / 8;
-        for (int64_t g = 0; g < groups; ++g) {
-            uint64_t bits = ~uint64_t{0};
-            if (!Dense && g < whole)
-                memcpy(&bits, mrow + g * 8, 8);
-            else if (!Dense)
-                bits = group_bits(mrow, g, p.mask_stride);
-            _mm512_store_si512(w + g, unsigned_codes<Dense>(values, pos, bits));
-        }
+        for (int64_t g = 0; g < groups; ++g)
+            _mm512_store_si512(w + g, row_codes<Dense>(values, pos, mrow, g, whole, p.mask_stride));
         int64_t t0 = 0;
         for (; t0 + kTokens <= p.m; t0 += kTokens) row_tokens<kTokens>(p, w, groups, o, t0);
         switch (p.m - t0) {

@@ -693,6 +693,78 @@ PyObject* py_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
+void attend_generic(const AttendProblem& a) {
+    const int64_t group = a.heads / a.kv_heads, d = a.d;
+    float* scores = a.scores;
+    for (int64_t h = 0; h < a.heads; ++h) {
+        const float* qh = a.q + h * d;
+        const float* kh = a.k + (h / group) * a.head_stride;
+        const float* vh = a.v + (h / group) * a.head_stride;
+        float* oh = a.out + h * d;
+        float top = -INFINITY;
+        for (int64_t i = 0; i < a.length; ++i) {
+            const float* ki = kh + i * d;
+            float dot = 0.0f;
+            for (int64_t j = 0; j < d; ++j) dot += qh[j] * ki[j];
+            scores[i] = dot * a.scale;
+            top = std::max(top, scores[i]);
+        }
+        float total = 0.0f;
+        for (int64_t i = 0; i < a.length; ++i) total += (scores[i] = std::exp(scores[i] - top));
+        for (int64_t j = 0; j < d; ++j) oh[j] = 0.0f;
+        for (int64_t i = 0; i < a.length; ++i) {
+            const float* vi = vh + i * d;
+            const float p = scores[i];
+            for (int64_t j = 0; j < d; ++j) oh[j] += p * vi[j];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t j = 0; j < d; ++j) oh[j] *= inv;
+    }
+}
+
+// Attention of one query token over a float32 KV cache (decode): for each query head h, kv head h / (heads /
+// kv_heads) as transformers' repeat_kv pairs them, out[h] = softmax(scale * K q[h]) V over the first `length` keys
+// (no mask: the query is the newest token). q [heads, d] and out [heads, d] contiguous; the cache [kv_heads, *, d]
+// with head_stride floats between kv heads. Scores and softmax in float32 (the max subtracted), summed in order.
+PyObject* py_attend(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+    // q, k, v, out, heads, kv_heads, length, d, head_stride, scale_bits (float32 bits)
+    if (nargs != 10) {
+        PyErr_Format(PyExc_TypeError, "attend takes 10 integer arguments, got %zd", nargs);
+        return nullptr;
+    }
+    const void *q, *k, *v, *out;
+    int64_t heads, kv_heads, length, d, head_stride;
+    uint32_t scale_bits;
+    if (!ptr_arg(args[0], &q) || !ptr_arg(args[1], &k) || !ptr_arg(args[2], &v) || !ptr_arg(args[3], &out) ||
+        !arg(args[4], &heads) || !arg(args[5], &kv_heads) || !arg(args[6], &length) || !arg(args[7], &d) ||
+        !arg(args[8], &head_stride) || !arg(args[9], &scale_bits))
+        return nullptr;
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads || length < 1 || d < 1 || head_stride < length * d) {
+        PyErr_SetString(PyExc_ValueError, "bad sizes");
+        return nullptr;
+    }
+    float scale;
+    std::memcpy(&scale, &scale_bits, sizeof scale);
+    bool no_memory = false;
+    Py_BEGIN_ALLOW_THREADS
+    try {
+        std::vector<float>& scores = t_scratch.xa;
+        if (scores.size() < static_cast<size_t>(length)) scores.resize(static_cast<size_t>(length));
+        AttendProblem a{static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v),
+                        static_cast<float*>(const_cast<void*>(out)), heads, kv_heads, length, d, head_stride, scale,
+                        scores.data()};
+        if ((kFeatures & 2) && d % 16 == 0)
+            attend_avx512(a);
+        else
+            attend_generic(a);
+    } catch (const std::bad_alloc&) {
+        no_memory = true;
+    }
+    Py_END_ALLOW_THREADS
+    if (no_memory) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 PyObject* py_cpu_features(PyObject*, PyObject*) { return PyLong_FromLong(kFeatures); }
 
 PyObject* py_set_spin_us(PyObject*, PyObject* arg) {
@@ -727,6 +799,9 @@ PyMethodDef kMethods[] = {
     {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_rms_norm)), METH_FASTCALL,
      "rms_norm(x, w, y, rows, n, eps_bits, dtype): y = w * x / sqrt(mean(x^2) + eps) row by row, as transformers' "
      "Llama norm computes it (dtype 0: float32, 1: bfloat16 for x, w and y; eps as the bits of a float32)."},
+    {"attend", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_attend)), METH_FASTCALL,
+     "attend(q, k, v, out, heads, kv_heads, length, d, head_stride, scale_bits): one query token's attention over a "
+     "float32 KV cache, grouped query heads as transformers pairs them (scale as the bits of a float32)."},
     {"cpu_features", py_cpu_features, METH_NOARGS,
      "Bit 0: AVX2+FMA; bit 1: AVX-512 F/BW/VL/DQ/VBMI2; bit 2: AVX512_BF16 too (and this build uses it); bit 3: "
      "AVX-512 VNNI."},
