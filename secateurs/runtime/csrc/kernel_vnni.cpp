@@ -108,50 +108,72 @@ void single_token(const Problem& p, int64_t r0, int64_t r1) {
     if (o < r1) token_rows<Dense, 1>(p, o);
 }
 
-// Many tokens: each row's groups are expanded once into a buffer, then multiplied with kTokens tokens at a time.
+// Many tokens: kRowBlock rows have their groups expanded once into a buffer, then multiplied with kTokens tokens
+// at a time, each token's input codes, lane starts and scales loaded once for the block of rows (rows x tokens
+// accumulators in registers).
 constexpr int kTokens = 4;
+constexpr int kRowBlock = 4;
 
-template <int MB>
-inline void row_tokens(const Problem& p, const __m512i* w, int64_t groups, int64_t o, int64_t t0) {
-    __m512 acc[MB];
-    for (int t = 0; t < MB; ++t) acc[t] = _mm512_setzero_ps();
+template <int R, int MB>
+inline void block_tokens(const Problem& p, const __m512i* w, int64_t groups, int64_t o, int64_t t0) {
+    __m512 acc[R][MB];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < MB; ++t) acc[r][t] = _mm512_setzero_ps();
     const int64_t xq_stride = groups * kI8Group;
+    const __m512i* xc = reinterpret_cast<const __m512i*>(p.xc);
     for (int64_t g = 0; g < groups; ++g) {
-        const __m512i wg = _mm512_load_si512(w + g);
+        __m512i wg[R];
+        for (int r = 0; r < R; ++r) wg[r] = _mm512_load_si512(w + r * groups + g);
         for (int t = 0; t < MB; ++t) {
             const int64_t tok = t0 + t;
             const __m512i x = _mm512_load_si512(p.xq + tok * xq_stride + g * kI8Group);
-            const __m512i c = _mm512_load_si512(reinterpret_cast<const __m512i*>(p.xc) + tok * groups + g);
-            const __m512i s = _mm512_dpbusd_epi32(c, wg, x);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(p.xs[tok * groups + g]), acc[t]);
+            const __m512i c = _mm512_load_si512(xc + tok * groups + g);
+            const __m512 s = _mm512_set1_ps(p.xs[tok * groups + g]);
+            for (int r = 0; r < R; ++r)
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, wg[r], x)), s, acc[r][t]);
         }
     }
-    const float scale = p.scales[o];
-    const float b = p.bias ? p.bias[o] : 0.0f;
-    for (int t = 0; t < MB; ++t) p.y[(t0 + t) * p.y_stride + o] = _mm512_reduce_add_ps(acc[t]) * scale + b;
+    for (int r = 0; r < R; ++r) {
+        const float scale = p.scales[o + r];
+        const float b = p.bias ? p.bias[o + r] : 0.0f;
+        for (int t = 0; t < MB; ++t) p.y[(t0 + t) * p.y_stride + o + r] = _mm512_reduce_add_ps(acc[r][t]) * scale + b;
+    }
+}
+
+template <int R>
+inline void rows_tokens(const Problem& p, const __m512i* w, int64_t groups, int64_t o) {
+    int64_t t0 = 0;
+    for (; t0 + kTokens <= p.m; t0 += kTokens) block_tokens<R, kTokens>(p, w, groups, o, t0);
+    switch (p.m - t0) {
+        case 1: block_tokens<R, 1>(p, w, groups, o, t0); break;
+        case 2: block_tokens<R, 2>(p, w, groups, o, t0); break;
+        case 3: block_tokens<R, 3>(p, w, groups, o, t0); break;
+        default: break;
+    }
 }
 
 template <bool Dense>
 void many_tokens(const Problem& p, int64_t r0, int64_t r1) {
     const int8_t* values = static_cast<const int8_t*>(p.values);
-    const int64_t groups = (p.in + kI8Group - 1) / kI8Group;
-    thread_local std::vector<uint8_t> buffer;  // the row's codes, 64-byte aligned
-    const size_t need = static_cast<size_t>((groups + 1) * kI8Group);
+    const int64_t groups = i8_groups(p.in);
+    const int64_t whole = p.mask_stride / 8;
+    thread_local std::vector<uint8_t> buffer;  // the block's rows of codes, 64-byte aligned
+    const size_t need = static_cast<size_t>((kRowBlock * groups + 1) * kI8Group);
     if (buffer.size() < need) buffer.resize(need);
     __m512i* w = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
-    for (int64_t o = r0; o < r1; ++o) {
-        const uint8_t* mrow = p.mask + o * p.mask_stride;
-        int64_t pos = p.row_offsets[o];
-        const int64_t whole = p.mask_stride / 8;
-        for (int64_t g = 0; g < groups; ++g)
-            _mm512_store_si512(w + g, row_codes<Dense>(values, pos, mrow, g, whole, p.mask_stride));
-        int64_t t0 = 0;
-        for (; t0 + kTokens <= p.m; t0 += kTokens) row_tokens<kTokens>(p, w, groups, o, t0);
-        switch (p.m - t0) {
-            case 1: row_tokens<1>(p, w, groups, o, t0); break;
-            case 2: row_tokens<2>(p, w, groups, o, t0); break;
-            case 3: row_tokens<3>(p, w, groups, o, t0); break;
-            default: break;
+    for (int64_t o = r0; o < r1; o += kRowBlock) {
+        const int rows = static_cast<int>(r1 - o < kRowBlock ? r1 - o : kRowBlock);
+        for (int r = 0; r < rows; ++r) {
+            const uint8_t* mrow = p.mask + (o + r) * p.mask_stride;
+            int64_t pos = p.row_offsets[o + r];
+            for (int64_t g = 0; g < groups; ++g)
+                _mm512_store_si512(w + r * groups + g, row_codes<Dense>(values, pos, mrow, g, whole, p.mask_stride));
+        }
+        switch (rows) {
+            case 1: rows_tokens<1>(p, w, groups, o); break;
+            case 2: rows_tokens<2>(p, w, groups, o); break;
+            case 3: rows_tokens<3>(p, w, groups, o); break;
+            default: rows_tokens<4>(p, w, groups, o); break;
         }
     }
 }
