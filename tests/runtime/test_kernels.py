@@ -761,3 +761,18 @@ def test_row_layout_applies_the_threshold_too():
     nan = x.clone()
     nan[0, 3] = float("nan")  # NaN is kept, as in the reference: it reaches the output
     assert bool(kernels.spmm(nan, columns, None, 0.7)[0].isnan().all())
+
+
+@pytest.mark.parametrize("cols", [1, 31, 32, 33, 65, 576])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_one_bfloat16_token_with_bfloat16_values(cols, sparsity):
+    """Decode of bf16 x with bf16 values (on AVX-512 with AVX512_BF16: 32 columns per vdpbf16ps on the expanded
+    values, x read in place; elsewhere widened to fp32) against float64 truth: ragged row ends, an empty row, a
+    full weight (an LM head held as it is, no mask read), with and without bias, strided x."""
+    weight = sparse_weight(23, cols, sparsity, torch.bfloat16, seed=cols)
+    for p in (kernels.pack(weight), kernels.pack_full(weight)):
+        for bias in (None, torch.randn(23).bfloat16()):
+            x = torch.randn(1, cols).bfloat16()
+            assert_close_to_truth(kernels.spmm(x, p, bias), x, weight, bias)
+            wide = torch.randn(1, cols + 5).bfloat16()[:, :cols]
+            assert_close_to_truth(kernels.spmm(wide, p, bias), wide, weight, bias)

@@ -425,8 +425,11 @@ PyObject* py_spmm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     try {
     Scratch& s = t_scratch;
     const bool outer = outer_arg == 1 && isa == kAvx512;
-    if (outer && x_dtype == 1 && values_dtype != kF32 && (kFeatures & 4)) {  // the bf16 pair form reads x as it is
-        p.x = nullptr;
+    // one token of bf16 x with bf16 values: the AVX-512 pair form reads x as it is (single_token_pairs)
+    const bool pairs_decode = m == 1 && !outer && outer_arg != 2 && x_dtype == 1 && values_dtype == kBF16 &&
+                              isa == kAvx512 && (kFeatures & 4);
+    if ((outer && x_dtype == 1 && values_dtype != kF32 && (kFeatures & 4)) || pairs_decode) {
+        p.x = nullptr;  // the bf16 pair forms read x as it is
         p.x16 = static_cast<const uint16_t*>(x);
         p.x_stride = x_stride;
     } else if (x_dtype == 1) {  // bf16 activations: widen once per call, not once per row
