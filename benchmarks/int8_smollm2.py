@@ -9,11 +9,17 @@ calibration text (``gptq``: ``secateurs.oneshot.quantize.int8_codes`` on ``--gpt
 Shakespeare, seed 0; what ``prune --save-format sparse-int8`` does by default), alone and with the int8 head
 (``gptq_head``). Perplexity on the first 40 non-overlapping 512-token windows
 of the bundled Bible (the ``prune`` protocol), computed on the dequantised weights with dense matmuls: the sparse
-kernel computes the same products (tested to fp32 summation order). Bytes: the packed decoder linears as
-stored, and what one decode step reads (``secateurs.runtime.timing.step_bytes`` of the model on the kernel).
+kernel computes the same products (tested to fp32 summation order). The last column, ``gptq_head_a8``, is the one
+computed on the sparse kernel itself: the GPTQ int8 folder loaded with ``load_sparse(folder, head="int8",
+int8_activations=True)`` (what ``secateurs eval DIR --int8-activations`` measures), so every int8 linear and the int8
+head also quantise their inputs to int8, one scale per 64 (AVX-512 VNNI integer dot products where the CPU has them,
+else the float kernel on the same quantised inputs; the record says which), in float32 otherwise. Bytes: the packed
+decoder linears as stored, and what one decode step reads (``secateurs.runtime.timing.step_bytes`` of the model on
+the kernel).
 
     python benchmarks/int8_smollm2.py                              # prune Wanda 50% and 70% here
-    python benchmarks/int8_smollm2.py --folders out/w50 out/w70    # folders pruned before
+    python benchmarks/int8_smollm2.py --folders out/w50 out/w70    # fp32 sparse folders pruned before
+                                                                   # (prune --save-format sparse)
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import secateurs
 from secateurs.checkpoint import load_pruned, save_sparse
 from secateurs.data.windows import calibration_windows
 from secateurs.format.bits import quantize_rows, stored_bits
+from secateurs.format.sparse import is_sparse_folder, open_folder
 from secateurs.measure import versions
 from secateurs.oneshot.quantize import int8_codes
-from secateurs.runtime import timing
+from secateurs.runtime import kernels, timing
 from secateurs.runtime.linear import int8_head, load_sparse
 
 
@@ -43,9 +50,27 @@ def dequantised_head(model) -> None:
     head.weight.data.copy_((q.float() * scales[:, None]).to(W.dtype))  # tied embedding follows: same tensor
 
 
+def pruned_folder(path: str) -> tuple[str, Path]:
+    """(label, folder) of a ``--folders`` entry: a sparse folder with float values (the fp32 column is read from it),
+    labelled by its recipe (``wanda 50%``) when its report.json has one, else by its name."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file() or not is_sparse_folder(folder):
+        raise SystemExit(f"{folder}: not a sparse folder (prune --save-format sparse)")
+    values = {entry.get("dtype") for _, header in open_folder(folder).files for entry in header.packed.values()}
+    if "int8" in values:
+        raise SystemExit(f"{folder} holds int8 values: give the fp32 sparse folder it was made from")
+    try:
+        recipe = json.loads((folder / "report.json").read_text())["recipe"]
+        return f"{recipe['method']} {recipe['sparsity']:.0%}", folder
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder.name, folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folders", nargs="*", default=None, help="pruned model folders (else prune here)")
+    parser.add_argument(
+        "--folders", nargs="*", default=None, help="fp32 sparse folders of pruned models (else prune here)"
+    )
     parser.add_argument("--sparsities", default="0.5,0.7")
     parser.add_argument("--eval", default="bible")
     parser.add_argument("--windows", type=int, default=40)
@@ -57,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sources = []
         if args.folders:
-            sources = [(Path(f).name, Path(f)) for f in args.folders]
+            sources = [pruned_folder(f) for f in args.folders]
         else:
             for s in (float(v) for v in args.sparsities.split(",")):
                 model, tokenizer, _ = secateurs.load_model("smollm2-135m", "float32")
@@ -92,6 +117,9 @@ def main() -> None:
             dequantised_head(model)
             row["gptq_head"] = secateurs.evaluate(model, tokenizer, args.eval, **ppl).perplexity
             del model
+            model, tokenizer = load_sparse(gptq, head="int8", int8_activations=True)  # on the kernel
+            row["gptq_head_a8"] = secateurs.evaluate(model, tokenizer, args.eval, **ppl).perplexity
+            del model
             steps = {}
             for name, path in (("fp32", Path(tmp) / f"{folder.name}-f32"), ("int8", int8)):
                 steps[name] = timing.step_bytes(load_sparse(path)[0]) / 1e6
@@ -105,18 +133,23 @@ def main() -> None:
                 f"int8 {row['int8']:.3f} ({row['int8'] / row['fp32'] - 1:+.2%}) | "
                 f"int8 + head {row['int8_head']:.3f} ({row['int8_head'] / row['fp32'] - 1:+.2%}) | "
                 f"GPTQ int8 {row['gptq']:.3f} ({row['gptq'] / row['fp32'] - 1:+.2%}) | "
-                f"GPTQ int8 + head {row['gptq_head']:.3f} ({row['gptq_head'] / row['fp32'] - 1:+.2%}); linears "
+                f"GPTQ int8 + head {row['gptq_head']:.3f} ({row['gptq_head'] / row['fp32'] - 1:+.2%}) | "
+                f"+ int8 activations {row['gptq_head_a8']:.3f} ({row['gptq_head_a8'] / row['fp32'] - 1:+.2%}); linears "
                 f"{row['linear_mb']['dense']:.0f} MB dense, {row['linear_mb']['fp32']:.0f} fp32 sparse, "
                 f"{row['linear_mb']['int8']:.0f} int8; per decode step {steps['fp32']:.0f} / {steps['int8']:.0f} / "
                 f"{steps['int8_head']:.0f} MB"
             )
+    how = "VNNI" if kernels.vnni_available() else "the float kernel (no AVX-512 VNNI)"
     print(
         f"protocol: perplexity on {args.eval}, first {args.windows} x 512-token windows, dequantised weights; "
-        f"torch {torch.__version__}"
+        f"+ int8 activations: GPTQ int8 with the int8 head on the sparse kernel ({kernels.isa()}), inputs quantised "
+        f"to int8 per 64, by {how}; torch {torch.__version__}"
     )
     if args.json:
+        kernel = {"isa": kernels.isa(), "vnni": kernels.vnni_available(), "threads": kernels.num_threads()}
+        record = {"rows": rows, "gptq_head_a8_kernel": kernel, "versions": versions()}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows, "versions": versions()}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
